@@ -28,9 +28,7 @@ def label_kind(y_true, y_pred):
     num_classes = pred_shape[-1]
     if len(true_shape) == len(batch_shape) and _compatible(true_shape, batch_shape):
         return SPARSE
-    if len(true_shape) == len(pred_shape) and _compatible(
-        true_shape[:-1], batch_shape
-    ):
+    if len(true_shape) == len(pred_shape) and _compatible(true_shape[:-1], batch_shape):
         if true_shape[-1] == 1 and num_classes != 1:
             return SPARSE
         if _dims_compatible(true_shape[-1], num_classes):
@@ -62,4 +60,4 @@ def _dims_compatible(a, b):
 
 
 def _compatible(shape_a, shape_b):
-    return all(_dims_compatible(a, b) for a, b in zip(shape_a, shape_b))
+    return all(_dims_compatible(a, b) for a, b in zip(shape_a, shape_b, strict=True))

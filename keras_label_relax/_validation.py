@@ -30,9 +30,7 @@ def check_in_unit_interval(name, value):
 def check_non_negative(name, value):
     value = check_number(name, value)
     if value < 0.0:
-        raise ValueError(
-            f"Argument `{name}` must be >= 0. Received: {name}={value!r}"
-        )
+        raise ValueError(f"Argument `{name}` must be >= 0. Received: {name}={value!r}")
     return value
 
 
