@@ -200,9 +200,7 @@ class LabelSmoothing(_ClassificationLoss):
 
     def _sparse_loss(self, class_ids, y_pred):
         log_p = self._log_probabilities(y_pred)
-        observed = ops.squeeze(
-            ops.take_along_axis(log_p, ops.expand_dims(class_ids, -1), axis=-1), -1
-        )
+        observed = take_class(log_p, class_ids)
         return -(1.0 - self.alpha) * observed - self.alpha * ops.mean(log_p, axis=-1)
 
     def _dense_loss(self, label_vectors, y_pred):
@@ -259,13 +257,13 @@ class ConfidencePenalty(_ClassificationLoss):
         self.beta = check_non_negative("beta", beta)
 
     def _sparse_loss(self, class_ids, y_pred):
-        return self._dense_loss(ops.one_hot(class_ids, y_pred.shape[-1]), y_pred)
+        log_p = self._log_probabilities(y_pred)
+        return -take_class(log_p, class_ids) - self.beta * entropy(log_p)
 
     def _dense_loss(self, label_vectors, y_pred):
         log_p = self._log_probabilities(y_pred)
         cross_entropy = -ops.sum(label_vectors * log_p, axis=-1)
-        entropy = -ops.sum(ops.exp(log_p) * log_p, axis=-1)
-        return cross_entropy - self.beta * entropy
+        return cross_entropy - self.beta * entropy(log_p)
 
     def get_config(self):
         return {**super().get_config(), "beta": self.beta}
@@ -345,10 +343,18 @@ def observed_log_probability(class_ids, y_pred, from_logits):
     if from_logits:
         # The backends' fused sparse cross-entropy kernels.
         return -ops.sparse_categorical_crossentropy(class_ids, y_pred, from_logits=True)
-    log_p = log_probabilities(y_pred, from_logits=False)
-    return ops.squeeze(
-        ops.take_along_axis(log_p, ops.expand_dims(class_ids, -1), axis=-1), -1
-    )
+    return take_class(log_probabilities(y_pred, from_logits=False), class_ids)
+
+
+def take_class(values, class_ids):
+    """`values[..., class_ids]`, one entry per sample."""
+    picked = ops.take_along_axis(values, ops.expand_dims(class_ids, -1), axis=-1)
+    return ops.squeeze(picked, -1)
+
+
+def entropy(log_p):
+    """Shannon entropy of the distributions given by their log-probabilities."""
+    return -ops.sum(ops.exp(log_p) * log_p, axis=-1)
 
 
 def log1m_exp(log_p):
