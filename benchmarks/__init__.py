@@ -1,0 +1,1 @@
+"""Benchmarks that reproduce the label relaxation paper with KerasTuner."""
