@@ -129,3 +129,23 @@ def test_compile_with_integer_and_one_hot_labels():
     sparse = model.evaluate(x, y, verbose=0)
     dense = model.evaluate(x, keras.utils.to_categorical(y, 4), verbose=0)
     assert sparse == pytest.approx(dense, rel=1e-6)
+
+
+def test_masked_timesteps_are_ignored_as_by_keras_losses():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 5, 3)).astype("float32")
+    x[:, 3:] = 0.0
+    y = rng.integers(0, 4, (8, 5))
+    inputs = keras.Input((5, 3))
+    outputs = keras.layers.Dense(4)(keras.layers.Masking(0.0)(inputs))
+    model = keras.Model(inputs, outputs)
+
+    def evaluate(loss, labels):
+        model.compile(loss=loss)
+        return model.evaluate(x, labels, verbose=0)
+
+    relaxation = LabelRelaxation(alpha=0.0, from_logits=True)
+    expected = evaluate(keras.losses.SparseCategoricalCrossentropy(True), y)
+    assert evaluate(relaxation, y) == pytest.approx(expected, rel=1e-6)
+    y[:, 3:] = (y[:, 3:] + 1) % 4  # labels of masked steps must not matter
+    assert evaluate(relaxation, y) == pytest.approx(expected, rel=1e-6)
