@@ -77,6 +77,7 @@ class Profile:
     augment: bool = False
     subtract_mean: bool = False
     paper: bool = True
+    full_batches: bool = False
 
     @property
     def models(self):
@@ -114,6 +115,7 @@ PROFILES = {
         seeds=3,
         test_fraction=1 / 7,
         paper=False,
+        full_batches=True,
     ),
     "mnist": Profile(
         name="mnist",

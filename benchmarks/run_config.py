@@ -28,6 +28,7 @@ class RunConfig:
     augment: bool = False
     subtract_mean: bool = False
     batch_size: int = protocol.BATCH_SIZE
+    full_batches: bool = False
 
     @property
     def tuned_losses(self):
@@ -96,6 +97,7 @@ def from_profile(
         test_fraction=profile.test_fraction,
         augment=profile.augment,
         subtract_mean=profile.subtract_mean,
+        full_batches=profile.full_batches,
     )
 
 
