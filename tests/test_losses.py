@@ -99,18 +99,21 @@ def test_values_match_reference(key, value, inputs):
     assert_close(loss(y_true[:, None], y_pred), expected)
 
 
-@pytest.mark.parametrize("inputs", ["random-logits", "large-logits"])
+@pytest.mark.parametrize(
+    "inputs", ["random-logits", "large-logits", "random-probabilities"]
+)
 @pytest.mark.parametrize("key,value", CASES, ids=CASE_IDS)
 def test_gradients_match_reference(key, value, inputs):
     rng = np.random.default_rng(1)
-    y_pred = INPUTS[inputs][0](rng, batch=8)
+    make_inputs, from_logits = INPUTS[inputs]
+    y_pred = make_inputs(rng)[:8]
     y_true = labels(rng, batch=8)
-    loss = make_loss(key, value, from_logits=True, reduction="sum")
+    loss = make_loss(key, value, from_logits=from_logits, reduction="sum")
     value_, gradient = value_and_gradient(lambda z: loss(y_true, z), y_pred)
     assert np.all(np.isfinite(gradient))
 
     def reference_total(z):
-        return reference(key, value, y_true, z, True).sum()
+        return reference(key, value, y_true, z, from_logits).sum()
 
     expected = references.numeric_gradient(reference_total, y_pred.astype("float64"))
     np.testing.assert_allclose(value_, reference_total(y_pred), rtol=1e-5)
