@@ -1,7 +1,8 @@
 """Datasets for the benchmarks, read from local files only.
 
 `load_dataset(name)` returns one `Dataset` that holds the original training
-part followed by the original test part, in their original order; the benchmark
+part followed by the original test part, in their original order (or, for
+data prepared by tensorflow-datasets, in its fixed order); the benchmark
 re-splits it per seed with `split`. Pixels are float32 in [0, 1], labels int64.
 
 | name | x | classes | examples |
@@ -150,7 +151,7 @@ _IMAGE_SPECS = {
             "(writes ~/.keras/datasets/cifar-10-batches-py-target/; copy it "
             "to the same place here)",
             "or unpack https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz "
-            "into a data folder",
+            "into a folder and pass that folder as --data-dir",
         ),
     ),
     "cifar100": _ImageSpec(
@@ -166,7 +167,7 @@ _IMAGE_SPECS = {
             "(writes ~/.keras/datasets/cifar-100-python-target/; copy it to "
             "the same place here)",
             "or unpack https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz "
-            "into a data folder",
+            "into a folder and pass that folder as --data-dir",
         ),
     ),
 }
