@@ -118,8 +118,8 @@ class ExpectedCalibrationError(keras.metrics.Metric):
         y_true = ops.convert_to_tensor(y_true)
         labels = ops.reshape(class_ids(y_true, y_pred), (-1,))
         y_pred = ops.cast(y_pred, self.dtype)
-        confidence, predicted = _top_label(y_pred, self.from_logits)
-        correct = ops.cast(ops.equal(predicted, labels), self.dtype)
+        confidence, correct = _top_label(y_pred, labels, self.from_logits)
+        correct = ops.cast(correct, self.dtype)
         if sample_weight is None:
             weight = None
         else:
@@ -138,33 +138,27 @@ class ExpectedCalibrationError(keras.metrics.Metric):
             correct: 1.0 where the top label is right, else 0.0, `(N,)`.
             weight: optional non-negative weights `(N,)`.
         """
-        confidence = ops.cast(confidence, self.dtype)
+        num_bins = self.num_bins
+        scaled = ops.cast(confidence, self.dtype) * num_bins
+        bins = ops.clip(ops.ceil(scaled) - 1.0, 0.0, num_bins - 1.0)
+        # Confidences are summed relative to their bin's centre (in units of
+        # the bin width): small numbers, so that float32 reductions over
+        # large batches stay accurate.
+        offset = scaled - (bins + 0.5)
+        # Clipped again as integers: a NaN confidence casts to an arbitrary
+        # integer, which must still be a valid bin index.
+        bins = ops.clip(ops.cast(bins, "int32"), 0, num_bins - 1)
         correct = ops.cast(correct, self.dtype)
-        bins = self._bin_ids(confidence)
-        # Confidence relative to the bin centre: small numbers, so the
-        # float32 reduction over a large batch stays accurate.
-        centre = (ops.cast(bins, self.dtype) + 0.5) / self.num_bins
-        offset = confidence - centre
-        if weight is None:
-            weight = ops.ones_like(confidence)
-        else:
+        if weight is not None:
             weight = ops.cast(weight, self.dtype)
             offset = offset * weight
             correct = correct * weight
-        sums = _segment_sums(ops.stack([weight, offset, correct]), bins, self.num_bins)
-        centres = (ops.arange(self.num_bins, dtype=self.dtype) + 0.5) / self.num_bins
-        sums = ops.stack(
-            [
-                sums[_WEIGHT],
-                sums[_CONFIDENCE] + centres * sums[_WEIGHT],
-                sums[_CORRECT],
-            ]
+        weight_sum, offset_sum, correct_sum = _segment_sums(
+            [weight, offset, correct], bins, num_bins, self.dtype
         )
-        self._add_compensated(sums)
-
-    def _bin_ids(self, confidence):
-        bins = ops.cast(ops.ceil(confidence * self.num_bins) - 1, "int32")
-        return ops.clip(bins, 0, self.num_bins - 1)
+        centres = ops.arange(num_bins, dtype=self.dtype) + 0.5
+        confidence_sum = (offset_sum + centres * weight_sum) / num_bins
+        self._add_compensated(ops.stack([weight_sum, confidence_sum, correct_sum]))
 
     def _add_compensated(self, sums):
         total = self.bin_sums.value
@@ -225,17 +219,45 @@ class ExpectedCalibrationError(keras.metrics.Metric):
         }
 
 
-def _top_label(y_pred, from_logits):
-    """Returns the flat top-label confidences and predicted class ids."""
+def _top_label(y_pred, labels, from_logits):
+    """Returns flat top-label confidences and whether the top label is right.
+
+    The top label is the first class of largest score, as `argmax` picks
+    it. Two equivalent formulations: an `argmax` pass, fast in PyTorch; and
+    a `max` pass plus a check for earlier ties with the label's score,
+    which XLA fuses into a couple of vectorised reductions where its
+    `argmax` (a variadic reduction) runs several times slower.
+    """
     y_pred = ops.reshape(y_pred, (-1, ops.shape(y_pred)[-1]))
-    predicted = ops.cast(ops.argmax(y_pred, axis=-1), "int32")
-    top = ops.take_along_axis(y_pred, predicted[:, None], axis=-1)
+    if keras.backend.backend() == "torch":
+        predicted = ops.cast(ops.argmax(y_pred, axis=-1), "int32")
+        top = ops.take_along_axis(y_pred, predicted[:, None], axis=-1)
+        correct = ops.equal(predicted, labels)
+    else:
+        top = ops.max(y_pred, axis=-1, keepdims=True)
+        correct = _is_first_maximum(y_pred, top, labels)
     if from_logits:
         # The largest softmax probability is 1 / sum_k exp(z_k - max z).
         confidence = 1.0 / ops.sum(ops.exp(y_pred - top), axis=-1)
     else:
         confidence = top[:, 0]
-    return confidence, predicted
+    return confidence, correct
+
+
+def _is_first_maximum(y_pred, top, labels):
+    """Whether `labels` index the first maximum of each row of `y_pred`."""
+    num_classes = ops.shape(y_pred)[-1]
+    in_range = ops.logical_and(labels >= 0, labels < num_classes)
+    safe_labels = ops.where(in_range, labels, ops.zeros_like(labels))[:, None]
+    label_score = ops.take_along_axis(y_pred, safe_labels, axis=-1)[:, 0]
+    classes = ops.arange(num_classes, dtype="int32")[None, :]
+    earlier_tie = ops.any(
+        ops.logical_and(y_pred >= top, classes < safe_labels), axis=-1
+    )
+    return ops.logical_and(
+        ops.logical_and(in_range, label_score >= top[:, 0]),
+        ops.logical_not(earlier_tie),
+    )
 
 
 def _flat_weights(sample_weight, y_pred, dtype):
@@ -264,14 +286,26 @@ def _flat_weights(sample_weight, y_pred, dtype):
 def _broadcastable(shape, target):
     if len(shape) > len(target):
         return False
-    for dim, target_dim in zip(reversed(shape), reversed(target)):
+    for dim, target_dim in zip(reversed(shape), reversed(target), strict=False):
         if dim not in (1, None) and target_dim is not None and dim != target_dim:
             return False
     return True
 
 
-def _segment_sums(values, segment_ids, num_segments):
-    """Sums the columns of `values` (rows, batch) per segment: (rows, segs)."""
-    return ops.transpose(
-        ops.segment_sum(ops.transpose(values), segment_ids, num_segments=num_segments)
+def _segment_sums(rows, segment_ids, num_segments, dtype):
+    """Per-segment sums of each flat row; a `None` row counts segment ids."""
+    if keras.backend.backend() == "torch":
+        # Keras' torch `segment_sum` scatters through an index the size of
+        # its input; `bincount` is several times faster.
+        return [
+            ops.cast(
+                ops.bincount(segment_ids, weights=row, minlength=num_segments), dtype
+            )
+            for row in rows
+        ]
+    if rows[0] is None:
+        rows = [ops.ones_like(rows[1])] + list(rows[1:])
+    sums = ops.segment_sum(
+        ops.stack(rows, axis=1), segment_ids, num_segments=num_segments
     )
+    return ops.unstack(sums, axis=1)

@@ -92,6 +92,7 @@ def _draw(ax, stats, ece):
         left[filled],
         np.maximum(accuracy, confidence)[filled],
         stats["weight"][filled],
+        strict=True,
     ):
         ax.annotate(
             _format_count(count),
