@@ -309,6 +309,26 @@ def table_csv(table):
     return buffer.getvalue()
 
 
+def _settings_line(config, backend, wall_seconds):
+    schedule = f"learning rate {config.learning_rate:g}"
+    if config.drops:
+        schedule += f" x{config.drop_factor:g} at epochs {list(config.drops)}"
+    if config.legacy_decay:
+        schedule += f", legacy decay {config.legacy_decay:g}"
+    parts = [
+        f"Keras backend {backend}",
+        f"model {config.model}",
+        f"seeds {list(config.seeds)}",
+        f"{config.epochs} epochs",
+        f"SGD (Nesterov momentum 0.9), batch {config.batch_size}, {schedule}",
+        f"search hold-out {config.val_fraction:.4g} of the training part",
+    ]
+    if config.full_batches:
+        parts.append("last partial batch of each epoch dropped")
+    parts.append(f"wall time of this invocation {wall_seconds / 60:.1f} min")
+    return "; ".join(parts) + "."
+
+
 def write_report(config, store, command, notes, backend, wall_seconds):
     """Writes table.md, table.csv and the reliability diagrams; returns the
     Markdown text."""
@@ -316,19 +336,7 @@ def write_report(config, store, command, notes, backend, wall_seconds):
     table = build_table(config, records)
     text = [f"# Results: profile `{config.profile}`", ""]
     text += [f"Command: `{command}`", ""]
-    text += [
-        f"Keras backend {backend}; model {config.model}; {len(config.seeds)} "
-        f"seed(s) {list(config.seeds)}; {config.epochs} epochs; SGD (Nesterov "
-        f"0.9), batch {config.batch_size}, learning rate {config.learning_rate:g}"
-        + (
-            f" x{config.drop_factor:g} at epochs {list(config.drops)}"
-            if config.drops
-            else ""
-        )
-        + f"; search hold-out {config.val_fraction:.4g} of the training part; "
-        f"wall time of this invocation {wall_seconds / 60:.1f} min.",
-        "",
-    ]
+    text += [_settings_line(config, backend, wall_seconds), ""]
     if notes:
         text += ["**This run departs from the paper:** " + "; ".join(notes) + ".", ""]
     text += [
@@ -348,6 +356,12 @@ def write_report(config, store, command, notes, backend, wall_seconds):
     text += ["## Test NLL and Brier score", "", other_scores_table(config, records)]
     text += ["", "## Chosen hyper-parameter per seed", ""]
     text += [selections_table(config, records), ""]
+    text += [
+        "Reliability diagrams (`reliability-<dataset>-<loss>.png`) pool the test "
+        "predictions of all seeds, so the ECE they show is that of the pooled "
+        "predictions, not the mean over seeds of the table.",
+        "",
+    ]
     markdown = "\n".join(text)
     write_atomic(store.path("table.md"), markdown)
     write_atomic(store.path("table.csv"), table_csv(table))

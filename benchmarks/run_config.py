@@ -119,10 +119,10 @@ def departures(config):
             "dense net, not one of the paper's experiments"
         )
     if len(config.seeds) < profile.seeds:
-        notes.append(f"{len(config.seeds)} seed(s) instead of {profile.seeds}")
+        notes.append(f"{_count(len(config.seeds), 'seed')} instead of {profile.seeds}")
     if config.epochs != profile.epochs:
         notes.append(
-            f"{config.epochs} epochs instead of {profile.epochs} "
+            f"{_count(config.epochs, 'epoch')} instead of {profile.epochs} "
             f"(learning-rate drops moved to epochs {list(config.drops)})"
         )
     if config.datasets != profile.datasets:
@@ -145,6 +145,10 @@ def departures(config):
             "per step (not in the paper)"
         )
     return notes
+
+
+def _count(number, noun):
+    return f"{number} {noun}" + ("" if number == 1 else "s")
 
 
 def _positive(option, value):

@@ -89,7 +89,7 @@ def test_paper_settings_have_no_departures_and_shrinking_has():
     ).departures()
     text = "; ".join(notes)
     for expected in (
-        "1 seed(s) instead of 10",
+        "1 seed instead of 10",
         "5 epochs instead of 50",
         "LR grid [0.1]",
         "hold-out 0.25",
@@ -274,7 +274,7 @@ def test_tiny_run_writes_results_tables_and_diagrams(tmp_path, capsys):
     assert reproduce.main(TINY + ["--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "This run departs from the paper" in printed
-    assert "1 epochs instead of 16" in printed
+    assert "1 epoch instead of 16" in printed
     progress = [m.group(3) for m in map(PROGRESS.match, printed.splitlines()) if m]
     trials = [line for line in progress if " trial " in line]
     # The ECE search reuses the accuracy search's two trainings.
