@@ -30,6 +30,10 @@ from benchmarks import protocol  # noqa: E402
 from benchmarks import run_config  # noqa: E402
 from benchmarks.store import SETTINGS_FILE  # noqa: E402
 from benchmarks.store import ResultStore  # noqa: E402
+from benchmarks.store import final_key  # noqa: E402
+from benchmarks.store import selection_key  # noqa: E402
+from benchmarks.store import temperature_scaling_key  # noqa: E402
+from benchmarks.store import trial_key  # noqa: E402
 from benchmarks.store import write_atomic  # noqa: E402
 
 EXIT_USAGE = 2
@@ -267,6 +271,8 @@ class Runner:
     """Runs the searches and final trainings of one run, in a fixed order."""
 
     def __init__(self, config, store, datasets, role=None, verbose=False):
+        # Imported here, after the options and the data are checked: they
+        # import Keras, KerasTuner and a backend, which takes seconds.
         from benchmarks import training
         from benchmarks import tuning
 
@@ -327,7 +333,6 @@ class Runner:
         spec = protocol.LOSS_SPECS[loss]
         name = seed_data.dataset.name
         project = f"{name}-seed{seed_data.seed}-{loss}-{scheme}"
-        selection_key = f"selection-{project}"
 
         def run_trial(values):
             return self._trial(seed_data, loss, values[spec.param])
@@ -346,7 +351,7 @@ class Runner:
         value, score = result
         objective = protocol.OBJECTIVES[scheme][0]
         self.store.put(
-            selection_key,
+            selection_key(name, seed_data.seed, loss, scheme),
             {
                 "kind": "selection",
                 "dataset": name,
@@ -362,8 +367,6 @@ class Runner:
         return value
 
     def _trial(self, seed_data, loss, value):
-        from benchmarks.store import trial_key
-
         key = trial_key(seed_data.dataset.name, seed_data.seed, loss, value)
         record = self.store.get(key)
         units = len(seed_data.fit.y) * self.config.epochs
@@ -387,8 +390,6 @@ class Runner:
         return {f"val_{name}": record[name] for name in self.training.METRIC_NAMES}
 
     def _final(self, seed_data, loss, value):
-        from benchmarks.store import final_key
-
         key = final_key(seed_data.dataset.name, seed_data.seed, loss, value)
         units = len(seed_data.rest.y) * self.config.epochs
         record = self.store.get(key)
@@ -410,7 +411,6 @@ class Runner:
         self._report(key, record, units, seconds)
 
     def _temperature_scaling(self, seed_data):
-        from benchmarks.store import temperature_scaling_key
         from keras_label_relax import TemperatureScaling
 
         key = temperature_scaling_key(seed_data.dataset.name, seed_data.seed)
