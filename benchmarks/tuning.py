@@ -69,6 +69,13 @@ def grid_search(run_fn, param, grid, scheme, directory, project_name, search_ind
             project_name=project_name,
             overwrite=role != "worker",
         )
+        if role is not None:
+            address = os.environ["KERASTUNER_ORACLE_IP"]
+            print(
+                f"{role} {os.environ['KERASTUNER_TUNER_ID']}: search {project_name}, "
+                f"oracle at {address}:{os.environ[PORT_VARIABLE]}",
+                flush=True,
+            )
         tuner.search(verbose=0)
     if role == "worker":
         return None

@@ -396,6 +396,18 @@ def test_resume_after_a_kill_keeps_every_finished_result(tmp_path):
     assert len(trained) + len(reused) == 6
 
 
+def _read_until(process, text, timeout=180):
+    """The output of `process` up to the first line holding `text`."""
+    lines = []
+    deadline = time.monotonic() + timeout
+    for line in process.stdout:
+        lines.append(line)
+        if text in line or time.monotonic() > deadline:
+            break
+    assert text in "".join(lines), "".join(lines)
+    return "".join(lines)
+
+
 def _free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -422,8 +434,9 @@ def test_distributed_chief_and_two_workers_run_each_trial_once(tmp_path):
                     text=True,
                 )
             )
-        # Workers wait for the chief's oracle, so all of them take part.
-        time.sleep(2)
+        # Start the chief once both workers wait for its oracle, so that both
+        # take part in the search.
+        early = [_read_until(process, "oracle at 127.0.0.1") for process in processes]
         chief = subprocess.Popen(
             _command(*arguments),
             cwd=REPO,
@@ -433,7 +446,11 @@ def test_distributed_chief_and_two_workers_run_each_trial_once(tmp_path):
             text=True,
         )
         processes.append(chief)
-        outputs = [process.communicate(timeout=300)[0] for process in processes]
+        early.append("")
+        outputs = [
+            before + process.communicate(timeout=300)[0]
+            for before, process in zip(early, processes, strict=True)
+        ]
     finally:
         _kill(processes)
     for process, output in zip(processes, outputs, strict=True):
@@ -449,4 +466,4 @@ def test_distributed_chief_and_two_workers_run_each_trial_once(tmp_path):
         for record in read_jsonl(tmp_path / "run" / "results.jsonl")
         if record["kind"] == "trial"
     }
-    assert trial_ids <= {"worker0", "worker1"}
+    assert trial_ids == {"worker0", "worker1"}  # both took part
