@@ -101,6 +101,40 @@ def test_paper_settings_have_no_departures_and_shrinking_has():
     )
 
 
+def test_learning_rate_drops_at_epoch_boundaries_with_optional_legacy_decay():
+    from benchmarks import training
+
+    schedule = training.StepDecay(0.05, [30 * 10], 0.3162)
+    rates = [float(keras.ops.convert_to_numpy(schedule(s))) for s in (0, 299, 300)]
+    assert rates == pytest.approx([0.05, 0.05, 0.05 * 0.3162])
+    legacy = training.StepDecay(0.1, [], 0.1, decay=1e-5)
+    rate = float(keras.ops.convert_to_numpy(legacy(1000)))
+    assert rate == pytest.approx(0.1 / (1 + 1e-5 * 1000))
+    assert training.StepDecay.from_config(legacy.get_config()).decay == 1e-5
+
+
+def test_cifar_inputs_lose_the_training_pixel_mean():
+    import dataclasses
+
+    import numpy as np
+
+    from benchmarks import data
+    from benchmarks import training
+
+    rng = np.random.default_rng(0)
+    train, test = (
+        data.Dataset("cifar10", rng.random((n, 4, 4, 3), np.float32), None, 10)
+        for n in (6, 3)
+    )
+    config = run_config.from_profile("cifar10")
+    train_x, test_x = training.input_arrays(config, train, test)
+    mean = train.x.mean(axis=0)
+    np.testing.assert_allclose(train_x, train.x - mean, atol=1e-6)
+    np.testing.assert_allclose(test_x, test.x - mean, atol=1e-6)
+    quick = dataclasses.replace(config, subtract_mean=False)
+    assert training.input_arrays(quick, train, test)[1] is test.x
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
