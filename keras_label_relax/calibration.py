@@ -44,7 +44,7 @@ class TemperatureScaling(keras.Model):
     example `"sparse_categorical_crossentropy"`), which trains only `T`.
 
     Args:
-        model: the trained `keras.Model` (or layer) to calibrate.
+        model: the trained `keras.Model` to calibrate.
         from_logits: whether `model` outputs logits (`True`) or
             probabilities (`False`).
         name: name of the wrapper model.
@@ -65,9 +65,9 @@ class TemperatureScaling(keras.Model):
 
     def __init__(self, model, from_logits=True, name=None, **kwargs):
         super().__init__(name=name, **kwargs)
-        if not isinstance(model, keras.layers.Layer):
+        if not isinstance(model, keras.Model):
             raise ValueError(
-                "Argument `model` must be a Keras model or layer. "
+                "Argument `model` must be a `keras.Model`. "
                 f"Received: model={model!r}"
             )
         self.base_model = model
