@@ -67,8 +67,7 @@ class TemperatureScaling(keras.Model):
         super().__init__(name=name, **kwargs)
         if not isinstance(model, keras.Model):
             raise ValueError(
-                "Argument `model` must be a `keras.Model`. "
-                f"Received: model={model!r}"
+                f"Argument `model` must be a `keras.Model`. Received: model={model!r}"
             )
         self.base_model = model
         self.base_model.trainable = False
@@ -279,8 +278,9 @@ def fit_temperature_ece_grid(logits, labels, grid=PAPER_GRID, sample_weight=None
     logits = np.asarray(logits, dtype=np.float64)
     shifted = logits - logits.max(axis=-1, keepdims=True)
     # Dividing by a temperature changes the confidences, never the argmax.
-    correct = (shifted.argmax(axis=-1) == labels).astype(np.float32)
-    weight = np.ones_like(correct) if sample_weight is None else sample_weight
+    correct = ops.convert_to_tensor(shifted.argmax(axis=-1) == labels, "float32")
+    if sample_weight is not None:
+        sample_weight = ops.convert_to_tensor(sample_weight, "float32")
     metric = ExpectedCalibrationError(num_bins=15)
     buffer = np.empty_like(shifted)
     errors = []
@@ -288,7 +288,7 @@ def fit_temperature_ece_grid(logits, labels, grid=PAPER_GRID, sample_weight=None
         exp = np.exp(np.multiply(shifted, 1.0 / temperature, out=buffer), out=buffer)
         confidence = (1.0 / exp.sum(axis=-1)).astype(np.float32)
         metric.reset_state()
-        metric.accumulate(confidence, correct, weight.astype(np.float32))
+        metric.accumulate(confidence, correct, sample_weight)
         errors.append(float(metric.result()))
     return float(grid[int(np.argmin(errors))])
 

@@ -127,6 +127,43 @@ def test_out_of_range_labels_count_as_wrong():
     np.testing.assert_array_equal(stats["accuracy"][stats["weight"] > 0], [0, 0])
 
 
+@pytest.mark.parametrize("norm", NORMS)
+def test_agrees_with_torchmetrics_off_the_bin_edges(norm):
+    torch = pytest.importorskip("torch")
+    classification = pytest.importorskip("torchmetrics.functional.classification")
+    _, labels, probs = random_predictions(num_samples=5000, seed=11)
+    expected = classification.multiclass_calibration_error(
+        torch.from_numpy(probs),
+        torch.from_numpy(labels),
+        num_classes=probs.shape[-1],
+        n_bins=15,
+        norm=norm,
+    )
+    assert ece(labels, probs, norm=norm) == pytest.approx(float(expected), abs=1e-6)
+
+
+def test_differs_from_torchmetrics_at_confidence_one():
+    """torchmetrics puts confidence 1.0 in an extra bin; here it is in the last."""
+    torch = pytest.importorskip("torch")
+    classification = pytest.importorskip("torchmetrics.functional.classification")
+    probs = np.array([[1.0, 0.0], [0.95, 0.05]], np.float32)
+    labels = np.array([0, 1])
+    # Here: one bin (0.9, 1], |1 - 1.95| / 2. torchmetrics: two bins,
+    # (|1 - 1| + |0 - 0.95|) / 2, the same.
+    assert ece(labels, probs, num_bins=10) == pytest.approx(0.475)
+    theirs = classification.multiclass_calibration_error(
+        torch.from_numpy(probs), torch.from_numpy(labels), num_classes=2, n_bins=10
+    )
+    assert float(theirs) == pytest.approx(0.475)
+    labels = np.array([1, 0])
+    # One bin: |1 - 1.95| / 2; torchmetrics: (|0 - 1| + |1 - 0.95|) / 2.
+    assert ece(labels, probs, num_bins=10) == pytest.approx(0.475)
+    theirs = classification.multiclass_calibration_error(
+        torch.from_numpy(probs), torch.from_numpy(labels), num_classes=2, n_bins=10
+    )
+    assert float(theirs) == pytest.approx(0.525)
+
+
 def test_bin_statistics_match_reference():
     _, labels, probs = random_predictions(seed=8)
     metric = ExpectedCalibrationError(num_bins=12)

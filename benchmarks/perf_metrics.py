@@ -1,0 +1,343 @@
+"""Speed and accuracy of `ExpectedCalibrationError` and temperature fitting.
+
+ECE over N = 10^6 predictions (K = 10 and 100 classes, 15 bins) against
+torchmetrics' `multiclass_calibration_error` on the same data in the same
+process, timed alternately (median of `--repeats` runs); and the fit of
+`TemperatureScaling` on 10^5 x 100 logits. Each Keras backend runs in its own
+process. The results table replaces the block between
+`<!-- perf_metrics:start -->` and `<!-- perf_metrics:end -->` in
+`docs/performance.md` (created if absent); the rest of the file is kept.
+
+Usage:
+    python -m benchmarks.perf_metrics [--backends tensorflow,jax,torch]
+        [--repeats 7] [--no-write]
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "performance.md"
+START, END = "<!-- perf_metrics:start -->", "<!-- perf_metrics:end -->"
+BACKENDS = ("tensorflow", "jax", "torch")
+NUM_SAMPLES = 10**6
+NUM_BINS = 15
+TS_SHAPE = (10**5, 100)
+_WORKER_TAG = "PERF_METRICS_RESULT "
+
+
+def _load_reference():
+    path = ROOT / "tests" / "ece_reference.py"
+    spec = importlib.util.spec_from_file_location("ece_reference", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    value = fn()
+    return time.perf_counter() - start, value
+
+
+def _compiled_ece(metric):
+    """The metric's update + result as one compiled function, or None."""
+    import keras
+
+    backend = keras.backend.backend()
+
+    def update_and_result(variables, labels, probs):
+        variables = metric.stateless_update_state(variables, labels, probs)
+        return metric.stateless_result(variables)
+
+    if backend == "jax":
+        import jax
+
+        return jax.jit(update_and_result)
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(update_and_result, jit_compile=True)
+    return None
+
+
+def _ece_rows(reference, repeats):
+    rows = []
+    for num_classes in (10, 100):
+        rows += _ece_case(reference, num_classes, repeats)
+    return rows
+
+
+def _ece_case(reference, num_classes, repeats):
+    import keras
+    import numpy as np
+    import torch
+    from keras import ops
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
+    from keras_label_relax import ExpectedCalibrationError
+
+    logits, labels = reference.protocol_check_data(NUM_SAMPLES, num_classes)
+    probs = reference.softmax(logits).astype(np.float32)
+    expected = reference.calibration_error(labels, probs, NUM_BINS)
+    metric = ExpectedCalibrationError(num_bins=NUM_BINS)
+    labels_k = ops.convert_to_tensor(labels.astype("int32"))
+    probs_k = ops.convert_to_tensor(probs)
+    labels_t, probs_t = torch.from_numpy(labels), torch.from_numpy(probs)
+    compiled = _compiled_ece(metric)
+    variables = [v.value for v in metric.variables]
+
+    def eager():
+        metric.reset_state()
+        metric.update_state(labels_k, probs_k)
+        return float(metric.result())
+
+    def jitted():
+        return float(compiled(variables, labels_k, probs_k))
+
+    def torchmetrics():
+        value = multiclass_calibration_error(
+            probs_t, labels_t, num_classes=num_classes, n_bins=NUM_BINS
+        )
+        return float(value)
+
+    candidates = {"eager": eager, "torchmetrics": torchmetrics}
+    if compiled is not None:
+        candidates["compiled"] = jitted
+    rows = _race(candidates, repeats)
+    if keras.backend.backend() == "torch":
+        # Both sides are PyTorch here: also race them on one thread, which a
+        # busy machine's scheduling does not disturb.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        single = _race(candidates, repeats)
+        torch.set_num_threads(threads)
+        for row in single:
+            row["implementation"] += ", 1 thread"
+        rows += single
+    for row in rows:
+        row.update(
+            backend=keras.backend.backend(),
+            classes=num_classes,
+            error=abs(row["value"] - expected),
+            reference=expected,
+        )
+    return rows
+
+
+def _race(candidates, repeats):
+    """Times the candidates alternately; one row per candidate."""
+    times = {name: [] for name in candidates}
+    values = {name: fn() for name, fn in candidates.items()}  # warm-up
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            elapsed, values[name] = _timed(fn)
+            times[name].append(elapsed)
+    return [
+        {
+            "implementation": name,
+            "median_ms": 1e3 * statistics.median(times[name]),
+            "min_ms": 1e3 * min(times[name]),
+            "value": values[name],
+        }
+        for name in candidates
+    ]
+
+
+def _temperature_rows(repeats):
+    import keras
+    import numpy as np
+
+    from keras_label_relax import TemperatureScaling
+    from keras_label_relax.calibration import fit_temperature_ece_grid
+    from keras_label_relax.calibration import fit_temperature_nll
+
+    rng = np.random.default_rng(0)
+    num_samples, num_classes = TS_SHAPE
+    calibrated = 2.0 * rng.standard_normal(TS_SHAPE)
+    probs = np.exp(calibrated - calibrated.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    labels = (probs.cumsum(axis=-1) > rng.random(num_samples)[:, None]).argmax(-1)
+    logits = (1.5 * calibrated).astype(np.float32)  # over-confident by 1.5
+
+    model = keras.Sequential([keras.Input((num_classes,)), keras.layers.Identity()])
+    scaled = TemperatureScaling(model)
+    cases = {
+        "fit (NLL, numpy float64)": lambda: fit_temperature_nll(logits, labels),
+        "fit (ECE grid, 16 values)": lambda: fit_temperature_ece_grid(logits, labels),
+        "calibrate() incl. predict": lambda: scaled.calibrate(
+            logits, labels, batch_size=8192
+        ),
+    }
+    rows = []
+    for name, fn in cases.items():
+        fn()
+        runs = [_timed(fn) for _ in range(max(3, repeats // 2))]
+        rows.append(
+            {
+                "backend": keras.backend.backend(),
+                "case": name,
+                "median_ms": 1e3 * statistics.median(t for t, _ in runs),
+                "temperature": runs[-1][1],
+            }
+        )
+    return rows
+
+
+def _worker(repeats):
+    reference = _load_reference()
+    result = {
+        "ece": _ece_rows(reference, repeats),
+        "temperature": _temperature_rows(repeats),
+    }
+    print(_WORKER_TAG + json.dumps(result), flush=True)
+
+
+def _run_backend(backend, repeats):
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+    command = [sys.executable, "-m", "benchmarks.perf_metrics", "--worker"]
+    command += ["--repeats", str(repeats)]
+    completed = subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, check=False
+    )
+    for line in completed.stdout.splitlines():
+        if line.startswith(_WORKER_TAG):
+            return json.loads(line[len(_WORKER_TAG) :])
+    raise RuntimeError(
+        f"The {backend} benchmark failed:\n{completed.stdout}\n{completed.stderr}"
+    )
+
+
+def _machine():
+    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
+    model = platform.processor() or "unknown CPU"
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores (load average {load} at the end)"
+
+
+def _versions():
+    import keras
+    import torch
+    import torchmetrics
+
+    return f"Keras {keras.__version__}, torch {torch.__version__}, " + (
+        f"torchmetrics {torchmetrics.__version__}"
+    )
+
+
+def _table(results, repeats):
+    lines = [
+        "### ExpectedCalibrationError",
+        "",
+        f"Machine: {_machine()}; {_versions()}. "
+        f"N = {NUM_SAMPLES:,} float32 probabilities (logits 3 * N(0, 1), "
+        f"uniform labels, seed 0), {NUM_BINS} bins: one `update_state` on all "
+        "of them plus `result()`. Times in ms, median (min) of "
+        f"{repeats} alternating runs in one process per backend. *eager*: "
+        "`metric.update_state`; *compiled*: `stateless_update_state` + "
+        "`stateless_result` under `jax.jit` / `tf.function(jit_compile=True)` "
+        "(what `fit`/`evaluate` run); *torchmetrics*: "
+        "`multiclass_calibration_error` with its defaults, on the same data. "
+        "*speed-up*: torchmetrics' median over this package's best median. "
+        "Errors: distance to a float64 numpy reference on the same "
+        "probabilities (this package / torchmetrics).",
+        "",
+        "| backend | K | eager | compiled | torchmetrics | speed-up | errors |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for backend, result in results.items():
+        groups = {}
+        for row in result["ece"]:
+            threads = ", 1 thread" if row["implementation"].endswith("thread") else ""
+            name = row["implementation"].removesuffix(", 1 thread")
+            groups.setdefault((backend + threads, row["classes"]), {})[name] = row
+        for (label, classes), rows in groups.items():
+            ours = [rows[name] for name in ("eager", "compiled") if name in rows]
+            best = min(row["median_ms"] for row in ours)
+            ratio = rows["torchmetrics"]["median_ms"] / best
+            error = max(row["error"] for row in ours)
+            cells = [_cell(rows.get(name)) for name in ("eager", "compiled")]
+            lines.append(
+                f"| {label} | {classes} | {cells[0]} | {cells[1]} | "
+                f"{_cell(rows['torchmetrics'])} | {ratio:.1f}x | "
+                f"{error:.0e} / {rows['torchmetrics']['error']:.0e} |"
+            )
+    lines += [
+        "",
+        "### Temperature scaling",
+        "",
+        f"{TS_SHAPE[0]:,} x {TS_SHAPE[1]} logits, 1.5 times a calibrated set "
+        "(the fitted temperature should be close to 1.5).",
+        "",
+        "| backend | step | median ms | fitted T |",
+        "|---|---|---|---|",
+    ]
+    for backend, result in results.items():
+        for row in result["temperature"]:
+            lines.append(
+                f"| {backend} | {row['case']} | {row['median_ms']:.0f} | "
+                f"{row['temperature']:.4f} |"
+            )
+    lines += [
+        "",
+        f"Reproduce with `python -m benchmarks.perf_metrics` (`--repeats {repeats}`).",
+    ]
+    return "\n".join(lines)
+
+
+def _cell(row):
+    if row is None:
+        return "-"
+    return f"{row['median_ms']:.0f} ({row['min_ms']:.0f})"
+
+
+def write_block(text, path=DOC):
+    """Replaces the text between the perf_metrics markers of `path`."""
+    block = f"{START}\n{text}\n{END}"
+    content = path.read_text() if path.exists() else "# Performance\n"
+    if START in content and END in content:
+        head, rest = content.split(START, 1)
+        tail = rest.split(END, 1)[1]
+        content = head + block + tail
+    else:
+        content = content.rstrip("\n") + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(content)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backends", default=",".join(BACKENDS))
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        _worker(args.repeats)
+        return
+    results = {}
+    for backend in args.backends.split(","):
+        print(f"running {backend} ...", flush=True)
+        results[backend] = _run_backend(backend, args.repeats)
+    text = _table(results, args.repeats)
+    print(text)
+    if not args.no_write:
+        write_block(text)
+
+
+if __name__ == "__main__":
+    main()
