@@ -171,7 +171,7 @@ def _temperature_rows(repeats):
     model = keras.Sequential([keras.Input((num_classes,)), keras.layers.Identity()])
     scaled = TemperatureScaling(model)
     cases = {
-        "fit (NLL, numpy float64)": lambda: fit_temperature_nll(logits, labels),
+        "fit (NLL)": lambda: fit_temperature_nll(logits, labels),
         "fit (ECE grid, 16 values)": lambda: fit_temperature_ece_grid(logits, labels),
         "calibrate() incl. predict": lambda: scaled.calibrate(
             logits, labels, batch_size=8192

@@ -102,7 +102,7 @@ class TemperatureScaling(keras.Model):
         """Fits the temperature on held-out data and returns it.
 
         The wrapped model runs once over `x`; the temperature is then fitted
-        to its cached outputs in float64 numpy.
+        to its cached outputs in numpy.
 
         Args:
             x: inputs, as for `Model.predict()`; or a `tf.data.Dataset`,
@@ -112,10 +112,10 @@ class TemperatureScaling(keras.Model):
             y: integer class ids or one-hot labels, when `x` holds inputs.
             method: `"nll"` minimises the negative log-likelihood exactly
                 (a safeguarded Newton search on `1 / T`, in which the NLL is
-                convex, over `T` in [0.01, 100], to a relative tolerance of
-                1e-8). `"ece_grid"` takes the temperature of `grid` with
-                the lowest 15-bin expected calibration error, as Lienen &
-                Hüllermeier (2021) did.
+                convex, over `T` in [0.01, 100], to about 1e-7 relative).
+                `"ece_grid"` takes the temperature of `grid` with the lowest
+                15-bin expected calibration error, as Lienen & Hüllermeier
+                (2021) did.
             grid: the candidate temperatures for `"ece_grid"`. Defaults to
                 the paper's {0.25, 0.5, 0.75, 1, 1.1, ..., 2.0, 2.5, 3}.
             batch_size: batch size for running the wrapped model on arrays.
@@ -235,23 +235,31 @@ def fit_temperature_nll(logits, labels, sample_weight=None, rtol=1e-8):
 
 
 class _NLLDerivatives:
-    """First and second derivative of the mean NLL w.r.t. `s = 1 / T`."""
+    """First and second derivative of the mean NLL w.r.t. `s = 1 / T`.
+
+    The passes over the logits run in float32 (half the memory traffic of
+    float64, and a vectorised `exp`); per-row results, which carry about
+    1e-7 relative error, are combined in float64. That moves the root by
+    about 1e-7 relative, far inside the 1e-4 the fit promises.
+    """
 
     def __init__(self, logits, labels, sample_weight):
         logits = np.asarray(logits, dtype=np.float64)
         # Shifting each row by its maximum leaves the softmax unchanged and
         # keeps exp(s * z) in (0, 1].
-        self.shifted = logits - logits.max(axis=-1, keepdims=True)
-        self.label_logit = np.take_along_axis(self.shifted, labels[:, None], axis=-1)[
-            :, 0
-        ]
+        shifted = logits - logits.max(axis=-1, keepdims=True)
+        self.label_logit = np.take_along_axis(shifted, labels[:, None], axis=-1)[:, 0]
+        self.shifted = shifted.astype(np.float32)
         self.weights = _normalised_weights(sample_weight, len(labels))
         self.buffer = np.empty_like(self.shifted)
 
     def __call__(self, s):
-        exp = np.multiply(self.shifted, s, out=self.buffer)
+        exp = np.multiply(self.shifted, np.float32(s), out=self.buffer)
+        # exp(-80) is still a normal float32: no slow subnormal arithmetic,
+        # and terms that small vanish next to the partition (>= 1) anyway.
+        np.maximum(exp, np.float32(-80.0), out=exp)
         np.exp(exp, out=exp)
-        partition = exp.sum(axis=-1)
+        partition = exp.sum(axis=-1).astype(np.float64)
         weighted = np.multiply(exp, self.shifted, out=exp)
         mean_logit = weighted.sum(axis=-1) / partition
         mean_square = np.einsum("ij,ij->i", weighted, self.shifted) / partition
