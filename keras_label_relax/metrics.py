@@ -131,7 +131,6 @@ class ExpectedCalibrationError(keras.metrics.Metric):
         labels = ops.reshape(class_ids(y_true, y_pred), (-1,))
         y_pred = ops.cast(y_pred, self.dtype)
         confidence, correct = _top_label(y_pred, labels, self.from_logits)
-        correct = ops.cast(correct, self.dtype)
         if sample_weight is None:
             weight = None
         else:
@@ -207,9 +206,11 @@ class ExpectedCalibrationError(keras.metrics.Metric):
             - `"accuracy"`: the (weighted) fraction of correct predictions
               per bin (NaN when empty).
         """
-        sums = np.asarray(
-            ops.convert_to_numpy(self.bin_sums.value), dtype=np.float64
-        ) - np.asarray(ops.convert_to_numpy(self.bin_sums_error.value), np.float64)
+        total, error = (
+            np.asarray(ops.convert_to_numpy(variable.value), dtype=np.float64)
+            for variable in (self.bin_sums, self.bin_sums_error)
+        )
+        sums = total - error
         weight = sums[_WEIGHT]
         with np.errstate(invalid="ignore", divide="ignore"):
             confidence = np.where(weight > 0, sums[_CONFIDENCE] / weight, np.nan)
