@@ -69,7 +69,10 @@ def labels(rng, batch=32, num_classes=NUM_CLASSES):
 
 def assert_close(actual, expected, rtol=1e-5, atol=2e-5):
     np.testing.assert_allclose(
-        ops.convert_to_numpy(actual), expected, rtol=rtol, atol=atol
+        ops.convert_to_numpy(actual),
+        ops.convert_to_numpy(expected),
+        rtol=rtol,
+        atol=atol,
     )
 
 
