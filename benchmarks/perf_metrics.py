@@ -18,15 +18,16 @@ import importlib.util
 import json
 import os
 import pathlib
-import platform
 import statistics
 import subprocess
 import sys
 import time
 
+from benchmarks.perf_report import machine_description
+from benchmarks.perf_report import replace_block
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "performance.md"
-START, END = "<!-- perf_metrics:start -->", "<!-- perf_metrics:end -->"
 BACKENDS = ("tensorflow", "jax", "torch")
 NUM_SAMPLES = 10**6
 NUM_BINS = 15
@@ -216,19 +217,6 @@ def _run_backend(backend, repeats):
     )
 
 
-def _machine():
-    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
-    model = platform.processor() or "unknown CPU"
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores (load average {load} at the end)"
-
-
 def _versions():
     import keras
     import torch
@@ -243,7 +231,7 @@ def _table(results, repeats):
     lines = [
         "### ExpectedCalibrationError",
         "",
-        f"Machine: {_machine()}; {_versions()}. "
+        f"Machine: {machine_description()}; {_versions()}. "
         f"N = {NUM_SAMPLES:,} float32 probabilities (logits 3 * N(0, 1), "
         f"uniform labels, seed 0), {NUM_BINS} bins: one `update_state` on all "
         "of them plus `result()`. Times in ms, median (min) of "
@@ -306,20 +294,6 @@ def _cell(row):
     return f"{row['median_ms']:.0f} ({row['min_ms']:.0f})"
 
 
-def write_block(text, path=DOC):
-    """Replaces the text between the perf_metrics markers of `path`."""
-    block = f"{START}\n{text}\n{END}"
-    content = path.read_text() if path.exists() else "# Performance\n"
-    if START in content and END in content:
-        head, rest = content.split(START, 1)
-        tail = rest.split(END, 1)[1]
-        content = head + block + tail
-    else:
-        content = content.rstrip("\n") + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(content)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", default=",".join(BACKENDS))
@@ -337,7 +311,7 @@ def main(argv=None):
     text = _table(results, args.repeats)
     print(text)
     if not args.no_write:
-        write_block(text)
+        replace_block(DOC, "perf_metrics", text)
 
 
 if __name__ == "__main__":

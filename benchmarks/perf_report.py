@@ -14,7 +14,11 @@ HEADER = (
 
 def machine_description():
     """CPU model and core count, plus the GPU where `nvidia-smi` sees one."""
-    description = f"{_cpu_model()}, {os.cpu_count()} cores, {platform.system()}"
+    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
+    description = (
+        f"{_cpu_model()}, {os.cpu_count()} cores, {platform.system()} "
+        f"(load average {load})"
+    )
     gpus = _gpu_names()
     if gpus:
         description += f", GPU: {', '.join(gpus)}"
