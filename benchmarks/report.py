@@ -159,17 +159,19 @@ def _mean(values):
 
 
 def _mean_std(values):
-    # Population standard deviation over seeds (numpy's default).
+    # Population standard deviation over seeds (numpy's default); none for
+    # a single seed.
     if not values:
         return None, None
-    return float(np.mean(values)), float(np.std(values))
+    std = float(np.std(values)) if len(values) > 1 else None
+    return float(np.mean(values)), std
 
 
 def _cell(values, expected):
     mean, std = _mean_std(values)
     if mean is None:
         return "–"
-    text = f"{mean:.3f} ± {std:.3f}"
+    text = f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
     if len(values) < expected:
         text += f" ({len(values)} seed{'s' if len(values) > 1 else ''})"
     return text
