@@ -85,17 +85,25 @@ def compiled_value_and_gradient(loss, labels):
     raise ValueError(f"Unsupported backend: {backend}")
 
 
-def time_interleaved(steps, logits, rounds):
-    """Per-step lists of wall-clock seconds, one entry per round."""
+def time_interleaved(steps, logits, rounds, calls_per_turn=3):
+    """Per-step lists of wall-clock seconds, one entry per round.
+
+    Each round gives every step a turn of a few calls and keeps the fastest:
+    the first call after another step's turn pays for that step's freed
+    buffers (page faults on re-allocation), which is not the step's own cost.
+    """
     for step in steps.values():
         step(logits)
         step(logits)
     times = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
-            start = time.perf_counter()
-            step(logits)
-            times[name].append(time.perf_counter() - start)
+            turn = []
+            for _ in range(calls_per_turn):
+                start = time.perf_counter()
+                step(logits)
+                turn.append(time.perf_counter() - start)
+            times[name].append(min(turn))
     return times
 
 
