@@ -539,7 +539,7 @@ def _backend():
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    command = "python -m benchmarks.reproduce " + shlex.join(argv)
+    command = shlex.join(["python", "-m", "benchmarks.reproduce", *argv])
     start = time.perf_counter()
     args = parse_args(argv)
     try:
