@@ -8,6 +8,7 @@ import os
 import numpy as np
 
 from benchmarks import protocol
+from benchmarks import run_config
 from benchmarks.store import final_key
 from benchmarks.store import selection_key
 from benchmarks.store import temperature_scaling_key
@@ -321,7 +322,7 @@ def _settings_line(config, backend, wall_seconds):
         f"Keras backend {backend}",
         f"model {config.model}",
         f"seeds {list(config.seeds)}",
-        f"{config.epochs} epochs",
+        run_config.count(config.epochs, "epoch"),
         f"SGD (Nesterov momentum 0.9), batch {config.batch_size}, {schedule}",
         f"search hold-out {config.val_fraction:.4g} of the training part",
     ]

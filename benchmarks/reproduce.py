@@ -583,7 +583,8 @@ def main(argv=None):
 def _print_header(config, out, role, notes):
     print(
         f"Profile {config.profile}: datasets {', '.join(config.datasets)}; model "
-        f"{config.model}; seeds {list(config.seeds)}; {config.epochs} epochs; "
+        f"{config.model}; seeds {list(config.seeds)}; "
+        f"{run_config.count(config.epochs, 'epoch')}; "
         f"losses {', '.join(config.losses)}; selection by "
         f"{' and '.join(config.schemes)}."
     )

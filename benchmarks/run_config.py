@@ -119,11 +119,11 @@ def departures(config):
             "dense net, not one of the paper's experiments"
         )
     if len(config.seeds) < profile.seeds:
-        notes.append(f"{_count(len(config.seeds), 'seed')} instead of {profile.seeds}")
+        notes.append(f"{count(len(config.seeds), 'seed')} instead of {profile.seeds}")
     if config.epochs != profile.epochs:
         notes.append(
-            f"{_count(config.epochs, 'epoch')} instead of {profile.epochs} "
-            f"(learning-rate drops moved to epochs {list(config.drops)})"
+            f"{count(config.epochs, 'epoch')} instead of {profile.epochs}"
+            + _moved_drops(config, profile)
         )
     if config.datasets != profile.datasets:
         notes.append(f"datasets {list(config.datasets)} only")
@@ -147,7 +147,15 @@ def departures(config):
     return notes
 
 
-def _count(number, noun):
+def _moved_drops(config, profile):
+    if not profile.schedules[config.model].drops:
+        return ""
+    if not config.drops:
+        return " (no learning-rate drop left)"
+    return f" (learning-rate drops moved to epochs {list(config.drops)})"
+
+
+def count(number, noun):
     return f"{number} {noun}" + ("" if number == 1 else "s")
 
 
