@@ -85,6 +85,20 @@ def compiled_value_and_gradient(loss, labels):
     raise ValueError(f"Unsupported backend: {backend}")
 
 
+def _reset_compile_caches():
+    """Lets torch.compile start afresh for each shape.
+
+    Every step shares one Python code object; past `torch._dynamo`'s
+    recompile limit (8) further steps would silently run eagerly.
+    """
+    import keras
+
+    if keras.backend.backend() == "torch":
+        import torch
+
+        torch._dynamo.reset()
+
+
 def time_interleaved(steps, logits, rounds, calls_per_turn=3):
     """Per-step lists of wall-clock seconds, one entry per round.
 
@@ -115,6 +129,7 @@ def measure(rounds):
     losses = build_losses()
     records = []
     for batch, num_classes in SHAPES:
+        _reset_compile_caches()
         rng = np.random.default_rng(0)
         logits = ops.convert_to_tensor(
             (3 * rng.standard_normal((batch, num_classes))).astype("float32")
