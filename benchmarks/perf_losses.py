@@ -171,6 +171,8 @@ def run_backend(backend, rounds):
 
 def format_table(results, device):
     lines = [
+        "### Losses",
+        "",
         f"Machine: {device}. Median of per-round ratios of (loss + gradient) time "
         "to `keras.losses.SparseCategoricalCrossentropy(from_logits=True)` on the "
         "same backend, compiled, integer labels, float32 logits.",
