@@ -12,16 +12,15 @@ median of the per-round ratios of each loss to it.
 """
 
 import argparse
-import json
-import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
+from benchmarks.perf_report import emit_result
 from benchmarks.perf_report import machine_description
 from benchmarks.perf_report import replace_block
+from benchmarks.perf_report import run_worker
 
 SHAPES = ((4096, 10), (4096, 1000), (1024, 32768))
 LOSS_NAMES = ("LR", "LS", "CP", "FL")
@@ -159,16 +158,6 @@ def measure(rounds):
     return records
 
 
-def run_backend(backend, rounds):
-    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-    command = [sys.executable, "-m", "benchmarks.perf_losses", "--worker"]
-    command += ["--rounds", str(rounds)]
-    output = subprocess.run(
-        command, env=env, check=True, capture_output=True, text=True
-    ).stdout
-    return json.loads(output.strip().splitlines()[-1])
-
-
 def format_table(results, device):
     lines = [
         "### Losses",
@@ -199,12 +188,14 @@ def main(argv=None):
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(measure(args.rounds)))
+        emit_result(measure(args.rounds))
         return
     results = {}
     for backend in args.backends.split(","):
         print(f"timing {backend} ...", file=sys.stderr, flush=True)
-        results[backend] = run_backend(backend, args.rounds)
+        results[backend] = run_worker(
+            "benchmarks.perf_losses", backend, "--rounds", args.rounds
+        )
     table = format_table(results, machine_description())
     command = "python -m benchmarks.perf_losses " + " ".join(argv or sys.argv[1:])
     python = platform.python_version()

@@ -15,16 +15,14 @@ Usage:
 
 import argparse
 import importlib.util
-import json
-import os
 import pathlib
 import statistics
-import subprocess
-import sys
 import time
 
+from benchmarks.perf_report import emit_result
 from benchmarks.perf_report import machine_description
 from benchmarks.perf_report import replace_block
+from benchmarks.perf_report import run_worker
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "performance.md"
@@ -32,7 +30,6 @@ BACKENDS = ("tensorflow", "jax", "torch")
 NUM_SAMPLES = 10**6
 NUM_BINS = 15
 TS_SHAPE = (10**5, 100)
-_WORKER_TAG = "PERF_METRICS_RESULT "
 
 
 def _load_reference():
@@ -199,22 +196,7 @@ def _worker(repeats):
         "ece": _ece_rows(reference, repeats),
         "temperature": _temperature_rows(repeats),
     }
-    print(_WORKER_TAG + json.dumps(result), flush=True)
-
-
-def _run_backend(backend, repeats):
-    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-    command = [sys.executable, "-m", "benchmarks.perf_metrics", "--worker"]
-    command += ["--repeats", str(repeats)]
-    completed = subprocess.run(
-        command, cwd=ROOT, env=env, capture_output=True, text=True, check=False
-    )
-    for line in completed.stdout.splitlines():
-        if line.startswith(_WORKER_TAG):
-            return json.loads(line[len(_WORKER_TAG) :])
-    raise RuntimeError(
-        f"The {backend} benchmark failed:\n{completed.stdout}\n{completed.stderr}"
-    )
+    emit_result(result)
 
 
 def _versions():
@@ -307,7 +289,9 @@ def main(argv=None):
     results = {}
     for backend in args.backends.split(","):
         print(f"running {backend} ...", flush=True)
-        results[backend] = _run_backend(backend, args.repeats)
+        results[backend] = run_worker(
+            "benchmarks.perf_metrics", backend, "--repeats", args.repeats
+        )
     text = _table(results, args.repeats)
     print(text)
     if not args.no_write:
