@@ -1,21 +1,20 @@
-"""Calibration-aware losses, metrics and temperature scaling for Keras 3."""
+"""Calibration-aware losses, metrics and calibrators for Keras 3."""
 
-from keras_label_relax.calibration import TemperatureScaling
-from keras_label_relax.losses import ConfidencePenalty
-from keras_label_relax.losses import FocalLoss
-from keras_label_relax.losses import LabelRelaxation
-from keras_label_relax.losses import LabelSmoothing
-from keras_label_relax.metrics import ExpectedCalibrationError
-from keras_label_relax.plotting import plot_reliability_diagram
+from keras_label_relax import calibration
+from keras_label_relax import losses
+from keras_label_relax import metrics
+from keras_label_relax import plotting
+from keras_label_relax._api import PUBLIC_NAMES
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ConfidencePenalty",
-    "ExpectedCalibrationError",
-    "FocalLoss",
-    "LabelRelaxation",
-    "LabelSmoothing",
-    "TemperatureScaling",
-    "plot_reliability_diagram",
-]
+# Every class and function decorated with `_api.export`, by name.
+globals().update(
+    {
+        name: getattr(module, name)
+        for module in (calibration, losses, metrics, plotting)
+        for name in PUBLIC_NAMES
+        if hasattr(module, name)
+    }
+)
+__all__ = sorted(PUBLIC_NAMES)

@@ -6,6 +6,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_label_relax._api import export
 from keras_label_relax._validation import check_bool
 from keras_label_relax._validation import check_number
 from keras_label_relax.metrics import ExpectedCalibrationError
@@ -22,7 +23,7 @@ MAX_TEMPERATURE = 1e2
 _TINY = 1e-30
 
 
-@keras.saving.register_keras_serializable(package="keras_label_relax")
+@export
 class TemperatureScaling(keras.Model):
     """Wraps a trained classifier and divides its logits by a temperature.
 

@@ -17,13 +17,12 @@ import keras
 from keras import ops
 
 from keras_label_relax import _labels
+from keras_label_relax._api import export
 from keras_label_relax._keras_compat import get_keras_mask
 from keras_label_relax._keras_compat import reduce_weighted_values
 from keras_label_relax._validation import check_bool
 from keras_label_relax._validation import check_in_unit_interval
 from keras_label_relax._validation import check_non_negative
-
-_PACKAGE = "keras_label_relax"
 
 # log(1 - p) is evaluated at log p <= this bound so that its gradient,
 # -p / (1 - p), stays finite where p rounds to exactly 1.
@@ -90,7 +89,7 @@ class _ClassificationLoss(keras.losses.Loss):
         return config
 
 
-@keras.saving.register_keras_serializable(package=_PACKAGE)
+@export
 class LabelRelaxation(_ClassificationLoss):
     """Label relaxation loss (Lienen & Hüllermeier, 2021).
 
@@ -156,7 +155,7 @@ class LabelRelaxation(_ClassificationLoss):
         return {**super().get_config(), "alpha": self.alpha}
 
 
-@keras.saving.register_keras_serializable(package=_PACKAGE)
+@export
 class LabelSmoothing(_ClassificationLoss):
     """Cross-entropy against uniformly smoothed labels (Szegedy et al., 2016).
 
@@ -214,7 +213,7 @@ class LabelSmoothing(_ClassificationLoss):
         return {**super().get_config(), "alpha": self.alpha}
 
 
-@keras.saving.register_keras_serializable(package=_PACKAGE)
+@export
 class ConfidencePenalty(_ClassificationLoss):
     """Cross-entropy minus `beta` times the entropy of the prediction.
 
@@ -280,7 +279,7 @@ class ConfidencePenalty(_ClassificationLoss):
         return {**super().get_config(), "beta": self.beta}
 
 
-@keras.saving.register_keras_serializable(package=_PACKAGE)
+@export
 class FocalLoss(_ClassificationLoss):
     """Focal loss (Lin et al., 2017): `-(1 - p_y)^gamma * log(p_y)`.
 

@@ -4,6 +4,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_label_relax._api import export
 from keras_label_relax._labels import class_ids
 from keras_label_relax._validation import check_bool
 
@@ -20,7 +21,7 @@ _SAME_WIDTH_INT = {
 _WEIGHT, _CONFIDENCE, _CORRECT = 0, 1, 2
 
 
-@keras.saving.register_keras_serializable(package="keras_label_relax")
+@export
 class ExpectedCalibrationError(keras.metrics.Metric):
     """Top-label calibration error with equal-width confidence bins.
 

@@ -2,9 +2,11 @@
 
 import numpy as np
 
+from keras_label_relax._api import export
 from keras_label_relax.metrics import ExpectedCalibrationError
 
 
+@export
 def plot_reliability_diagram(
     y_true, y_pred, num_bins=15, from_logits=False, ax=None, sample_weight=None
 ):
