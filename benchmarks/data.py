@@ -320,7 +320,12 @@ def split(ds, fraction, seed):
         raise ValueError(
             f"Argument `seed` must be an int >= 0. Received: seed={seed!r}"
         )
-    n = len(ds.y)
+    rest, held_out = split_indices(len(ds.y), fraction, seed)
+    return subset(ds, rest), subset(ds, held_out)
+
+
+def split_indices(n, fraction, seed):
+    """The indices `(rest, held_out)` that `split` uses for `n` examples."""
     num_held_out = round(fraction * n)
     if not 0 < num_held_out < n:
         raise ValueError(
@@ -328,9 +333,7 @@ def split(ds, fraction, seed):
             f"of the split of {n} examples. Received: fraction={fraction!r}"
         )
     order = np.random.default_rng(seed).permutation(n)
-    held_out = np.sort(order[:num_held_out])
-    rest = np.sort(order[num_held_out:])
-    return _subset(ds, rest), _subset(ds, held_out)
+    return np.sort(order[num_held_out:]), np.sort(order[:num_held_out])
 
 
 def subtract_pixel_mean(train_x, *others):
@@ -402,7 +405,8 @@ def _check_name(name):
     return name.replace("-", "_")
 
 
-def _subset(ds, index):
+def subset(ds, index):
+    """The examples of `ds` at `index`, as a new `Dataset`."""
     true_probs = None if ds.true_probs is None else ds.true_probs[index]
     return Dataset(ds.name, ds.x[index], ds.y[index], ds.num_classes, true_probs)
 
