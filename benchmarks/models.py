@@ -72,6 +72,7 @@ def build_model(
     augment=False,
     seed=None,
     weight_decay=None,
+    output_l2=0.0,
 ):
     """Builds one of `MODEL_NAMES`, outputting logits.
 
@@ -88,6 +89,9 @@ def build_model(
             augmentation; `None` draws them from Keras' global seed.
         weight_decay: the L2 factor on kernels; `None` takes the protocol's
             value from `DEFAULT_WEIGHT_DECAY`.
+        output_l2: kernel and activity L2 factor of the output layer
+            (`--protocol authors-code` sets 0.01 for ResNet, as the authors'
+            code has); 0 for none.
 
     Returns:
         An uncompiled `keras.Model` named after `name`.
@@ -139,7 +143,17 @@ def build_model(
             "Argument `augment=True` needs images of shape (height, width, "
             f"channels). Received: input_shape={input_shape}"
         )
-    parts = _Parts(seed, float(weight_decay))
+    if isinstance(output_l2, bool) or not isinstance(output_l2, (int, float)):
+        raise ValueError(
+            "Argument `output_l2` must be a number >= 0. Received: "
+            f"output_l2={output_l2!r}"
+        )
+    if not (math.isfinite(output_l2) and output_l2 >= 0):
+        raise ValueError(
+            "Argument `output_l2` must be a number >= 0. Received: "
+            f"output_l2={output_l2!r}"
+        )
+    parts = _Parts(seed, float(weight_decay), float(output_l2))
     inputs = keras.Input(input_shape, name="inputs")
     x = inputs
     if augment:
@@ -189,9 +203,10 @@ def _check_input_shape(input_shape):
 class _Parts:
     """Makes layers' seeded initializers, regularizers and seeds."""
 
-    def __init__(self, seed, weight_decay):
+    def __init__(self, seed, weight_decay, output_l2=0.0):
         self._rng = None if seed is None else np.random.default_rng(seed)
         self._weight_decay = weight_decay
+        self._output_l2 = output_l2
 
     def seed(self):
         if self._rng is None:
@@ -209,6 +224,18 @@ class _Parts:
         if self._weight_decay == 0:
             return None
         return keras.regularizers.L2(self._weight_decay)
+
+    def logits(self, num_classes, regularize=False, kind="glorot_uniform"):
+        """The output layer; `output_l2` puts kernel and activity L2 on it."""
+        if self._output_l2:
+            return layers.Dense(
+                num_classes,
+                kernel_initializer=self.initializer(kind),
+                kernel_regularizer=keras.regularizers.L2(self._output_l2),
+                activity_regularizer=keras.regularizers.L2(self._output_l2),
+                name="logits",
+            )
+        return self.dense(num_classes, regularize, kind, name="logits")
 
     def dense(self, units, regularize=True, kind="glorot_uniform", **kwargs):
         return layers.Dense(
@@ -292,9 +319,9 @@ def _resnet56v2(x, num_classes, parts, depth=56):
     shortcut (a 1x1 conv, strided, in each stage's first unit); bottleneck
     widths 16, 64, 128 and outputs 64, 128, 256; stages 2 and 3 halve the
     map size. Then BN-ReLU, global average pooling and the logits. He-normal
-    initialisation, L2 on every conv kernel, none on the logits (the
-    authors' code also puts L2 1e-2 and an activity penalty on the output
-    layer; the Keras example does not).
+    initialisation, L2 on every conv kernel, none on the logits unless
+    `output_l2` is set (the authors' code puts kernel and activity L2 of
+    1e-2 on the output layer; the Keras example does not).
     """
     units = (depth - 2) // 9
     x = _resnet_conv(x, parts, 16, 3, pre_activation=False)
@@ -316,9 +343,7 @@ def _resnet56v2(x, num_classes, parts, depth=56):
     x = layers.BatchNormalization()(x)
     x = layers.Activation("relu")(x)
     x = layers.GlobalAveragePooling2D()(x)
-    return parts.dense(num_classes, regularize=False, kind="he_normal", name="logits")(
-        x
-    )
+    return parts.logits(num_classes, kind="he_normal")(x)
 
 
 def _resnet_conv(

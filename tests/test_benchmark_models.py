@@ -133,11 +133,24 @@ def test_augmentation_acts_in_training_only():
     assert len(plain.layers) == len(model.layers) - 2
 
 
+@pytest.mark.skipif(
+    keras.backend.backend() != "jax", reason="the jit override is JAX's alone"
+)
 def test_augmented_models_stay_jit_compiled_on_jax():
     model = models.build_model("mlp_small", (8, 8, 3), 10, augment=True)
     model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
-    if keras.backend.backend() == "jax":
-        assert model.jit_compile is True
+    assert model.jit_compile is True
+
+
+def test_authors_code_output_layer_has_kernel_and_activity_l2():
+    model = models.build_model("resnet56v2", (8, 8, 3), 10, seed=0, output_l2=0.01)
+    logits = model.get_layer("logits")
+    assert logits.kernel_regularizer.l2 == pytest.approx(0.01)
+    assert logits.activity_regularizer.l2 == pytest.approx(0.01)
+    plain = models.build_model("resnet56v2", (8, 8, 3), 10, seed=0)
+    assert plain.get_layer("logits").kernel_regularizer is None
+    with pytest.raises(ValueError, match="output_l2"):
+        models.build_model("mlp_small", (4,), 10, output_l2=-1.0)
 
 
 @pytest.mark.parametrize("name", models.MODEL_NAMES)
