@@ -11,6 +11,7 @@ class RunConfig:
     """Everything that decides what a run trains; stored as `run.json`."""
 
     profile: str
+    protocol: str
     datasets: tuple
     model: str
     seeds: tuple
@@ -27,6 +28,8 @@ class RunConfig:
     calibration_fraction: float = protocol.CALIBRATION_FRACTION
     augment: bool = False
     subtract_mean: bool = False
+    resnet_output_l2: float = 0.0
+    paper_cp_sign: bool = False
     batch_size: int = protocol.BATCH_SIZE
     full_batches: bool = False
 
@@ -44,6 +47,7 @@ class RunConfig:
 
 def from_profile(
     profile_name,
+    protocol_name="paper",
     seeds=None,
     losses=protocol.LOSSES,
     select="both",
@@ -64,6 +68,12 @@ def from_profile(
             f"Unknown profile. Expected one of {sorted(protocol.PROFILES)}. "
             f"Received: --profile={profile_name!r}"
         )
+    if protocol_name not in protocol.PROTOCOLS:
+        raise ValueError(
+            f"Unknown protocol. Expected one of {sorted(protocol.PROTOCOLS)}. "
+            f"Received: --protocol={protocol_name!r}"
+        )
+    rules = protocol.PROTOCOLS[protocol_name]
     profile = protocol.PROFILES[profile_name]
     model = model or profile.models[0]
     if model not in profile.schedules:
@@ -74,7 +84,7 @@ def from_profile(
     seeds = profile.seeds if seeds is None else _positive("--seeds", seeds)
     epochs = profile.epochs if epochs is None else _positive("--epochs", epochs)
     if val_fraction is None:
-        val_fraction = protocol.VAL_FRACTION
+        val_fraction = rules.val_fraction
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(
             f"`--val-fraction` must be in (0, 1). Received: {val_fraction!r}"
@@ -82,6 +92,7 @@ def from_profile(
     schedule = profile.schedules[model]
     return RunConfig(
         profile=profile_name,
+        protocol=protocol_name,
         datasets=_datasets(profile, datasets),
         model=model,
         seeds=tuple(range(seeds)),
@@ -92,11 +103,13 @@ def from_profile(
         learning_rate=schedule.learning_rate,
         drops=protocol.scaled_drops(schedule, epochs, profile.epochs),
         drop_factor=schedule.factor,
-        legacy_decay=protocol.LEGACY_DECAY if legacy_decay else 0.0,
+        legacy_decay=protocol.LEGACY_DECAY if legacy_decay else rules.legacy_decay,
         val_fraction=float(val_fraction),
         test_fraction=profile.test_fraction,
         augment=profile.augment,
-        subtract_mean=profile.subtract_mean,
+        subtract_mean=profile.subtract_mean or rules.subtract_mean,
+        resnet_output_l2=rules.resnet_output_l2 if model == "resnet56v2" else 0.0,
+        paper_cp_sign=rules.paper_cp_sign,
         full_batches=profile.full_batches,
     )
 
@@ -104,6 +117,7 @@ def from_profile(
 def from_dict(values):
     fields = {field.name for field in dataclasses.fields(RunConfig)}
     values = {key: value for key, value in values.items() if key in fields}
+    values.setdefault("protocol", "paper")
     for key in ("datasets", "seeds", "losses", "schemes", "drops"):
         values[key] = tuple(values[key])
     values["grids"] = {loss: tuple(grid) for loss, grid in values["grids"].items()}
@@ -144,6 +158,25 @@ def departures(config):
             f"the authors' code's learning-rate decay {config.legacy_decay:g} "
             "per step (not in the paper)"
         )
+    if config.subtract_mean and not profile.subtract_mean:
+        notes.append(
+            "the training part's pixel mean subtracted from the inputs, as the "
+            "authors' code does (the paper's text does not say so)"
+        )
+    if config.resnet_output_l2:
+        notes.append(
+            f"kernel and activity L2 of {config.resnet_output_l2:g} on ResNet's "
+            "output layer, as the authors' code has"
+        )
+    if config.paper_cp_sign:
+        notes.append(
+            "the confidence penalty with the paper's sign, CE + β·H(p), which "
+            "rewards confidence (Pereyra et al. subtract it)"
+        )
+    extra = [loss for loss in config.losses if not protocol.LOSS_SPECS[loss].paper]
+    if extra:
+        labels = ", ".join(protocol.LOSS_SPECS[loss].label for loss in extra)
+        notes.append(f"losses the paper does not compare ({labels}), ranked apart")
     return notes
 
 
@@ -179,13 +212,13 @@ def _datasets(profile, datasets):
 
 def _losses(losses):
     losses = tuple(losses)
-    unknown = [loss for loss in losses if loss not in protocol.LOSSES]
+    unknown = [loss for loss in losses if loss not in protocol.LOSS_SPECS]
     if unknown or not losses:
         raise ValueError(
-            f"`--losses` takes a comma-separated subset of {list(protocol.LOSSES)}. "
-            f"Received: --losses={','.join(losses)}"
+            "`--losses` takes a comma-separated subset of "
+            f"{list(protocol.LOSS_SPECS)}. Received: --losses={','.join(losses)}"
         )
-    return tuple(loss for loss in protocol.LOSSES if loss in losses)
+    return tuple(loss for loss in protocol.LOSS_SPECS if loss in losses)
 
 
 def _schemes(select):
@@ -200,8 +233,7 @@ def _schemes(select):
 
 def _grids(overrides):
     grids = {}
-    for loss in protocol.LOSSES:
-        spec = protocol.LOSS_SPECS[loss]
+    for loss, spec in protocol.LOSS_SPECS.items():
         if loss in overrides:
             grids[loss] = _grid(spec, overrides[loss])
         elif spec.param:
