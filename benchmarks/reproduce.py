@@ -15,7 +15,6 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import argparse  # noqa: E402
-import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
 import shlex  # noqa: E402
@@ -26,13 +25,13 @@ import numpy as np  # noqa: E402
 
 from benchmarks import cluster  # noqa: E402
 from benchmarks import data  # noqa: E402
+from benchmarks import plan  # noqa: E402
 from benchmarks import protocol  # noqa: E402
+from benchmarks import records  # noqa: E402
 from benchmarks import run_config  # noqa: E402
 from benchmarks.store import SETTINGS_FILE  # noqa: E402
 from benchmarks.store import ResultStore  # noqa: E402
-from benchmarks.store import final_key  # noqa: E402
 from benchmarks.store import selection_key  # noqa: E402
-from benchmarks.store import temperature_scaling_key  # noqa: E402
 from benchmarks.store import trial_key  # noqa: E402
 from benchmarks.store import write_atomic  # noqa: E402
 
@@ -58,12 +57,34 @@ def parse_args(argv=None):
         choices=sorted(protocol.PROFILES),
         help="experiment to run (default: quick, embedded data, minutes on a CPU)",
     )
+    parser.add_argument(
+        "--protocol",
+        default="paper",
+        help="paper (default: the paper's text, the confidence penalty's sign "
+        "corrected) or authors-code (what the authors' scripts did)",
+    )
+    parser.add_argument(
+        "--trainer",
+        choices=("population", "sequential"),
+        help="population: train every training of a phase at once as one "
+        "compiled JAX program (default on JAX); sequential: one Model.fit at "
+        "a time (default, and the only one, on TensorFlow and PyTorch)",
+    )
+    parser.add_argument(
+        "--population-size",
+        type=int,
+        help="most trainings per population (default: from the model's size "
+        "and the free memory)",
+    )
     parser.add_argument("--seeds", type=int, help="number of seeds, 0..N-1")
     parser.add_argument(
         "--losses",
         default=",".join(protocol.LOSSES),
-        help="comma-separated subset of ce,ls,cp,fl,lr (ce includes the "
-        "temperature-scaling baseline)",
+        help="comma-separated subset of "
+        + ",".join(protocol.LOSS_SPECS)
+        + " (default: the paper's "
+        + ",".join(protocol.LOSSES)
+        + "; ce includes the temperature-scaling baseline)",
     )
     parser.add_argument(
         "--select",
@@ -116,8 +137,14 @@ def config_from_args(args):
             raise ValueError(
                 f"`--grid` takes LOSS=v1,v2,... Received: --grid {item}"
             ) from None
+    if args.population_size is not None and args.population_size < 1:
+        raise ValueError(
+            "`--population-size` must be a positive integer. Received: "
+            f"--population-size {args.population_size}"
+        )
     return run_config.from_profile(
         args.profile,
+        protocol_name=args.protocol,
         seeds=args.seeds,
         losses=_split_list(args.losses),
         select=args.select,
@@ -238,39 +265,18 @@ class Progress:
         return units_left * seconds.sum() / units.sum()
 
 
-@dataclasses.dataclass
-class SeedData:
-    """The splits of one dataset for one seed, as the paper makes them."""
-
-    dataset: object
-    seed: int
-    rest: object  # the training part
-    test: object
-    fit: object  # the training part without the search hold-out
-    val: object
-    fit_ts: object  # the training part without the calibration hold-out
-    calibration: object
-
-    @classmethod
-    def make(cls, dataset, seed, config):
-        rest, test = data.split(dataset, config.test_fraction, seed)
-        fit, val = data.split(rest, config.val_fraction, seed)
-        fit_ts, calibration = data.split(rest, config.calibration_fraction, seed)
-        return cls(dataset, seed, rest, test, fit, val, fit_ts, calibration)
-
-
-def split_sizes(n, config):
-    """Training-set sizes (search, final, temperature scaling) for n examples."""
-    rest = n - round(config.test_fraction * n)
-    fit = rest - round(config.val_fraction * rest)
-    fit_ts = rest - round(config.calibration_fraction * rest)
-    return fit, rest, fit_ts
-
-
 class Runner:
-    """Runs the searches and final trainings of one run, in a fixed order."""
+    """Executes a run's plan with a trainer and stores every result.
 
-    def __init__(self, config, store, datasets, role=None, verbose=False):
+    The searches' trials come first: a population trainer trains them all
+    up front (they are known in advance), so every KerasTuner trial then
+    finds its result in the store; the sequential trainer trains each trial
+    when its search asks for it (on distributed workers, the trials they are
+    handed). Once the searches have chosen, the final trainings, the
+    cross-entropy baselines and temperature scaling form the next phase.
+    """
+
+    def __init__(self, config, store, datasets, trainer, role=None):
         # Imported here, after the options and the data are checked: they
         # import Keras, KerasTuner and a backend, which takes seconds.
         from benchmarks import training
@@ -280,236 +286,197 @@ class Runner:
         self.tuning = tuning
         self.config = config
         self.store = store
-        self.datasets = datasets
         self.role = role
-        self.verbose = verbose
+        self.trainer = trainer
         self.tuner_id = cluster.tuner_id()
+        self.splits = {
+            (name, seed): plan.Splits.make(datasets[name], seed, config)
+            for name in config.datasets
+            for seed in config.seeds
+        }
+        if hasattr(trainer, "prepare"):
+            trainer.prepare(self.splits)
+        sizes = {
+            name: plan.part_sizes(len(datasets[name].y), config)
+            for name in config.datasets
+        }
+        self.sizes = sizes
+        self.trials = plan.trials(config, sizes)
+        self.baselines = plan.baselines(config, sizes) + plan.untuned(config, sizes)
         self.counted = set()
         self.progress = self._make_progress()
 
     def _make_progress(self):
-        count = units = 0
-        epochs = self.config.epochs
-        for dataset in self.datasets.values():
-            fit, rest, fit_ts = split_sizes(len(dataset.y), self.config)
-            for _ in self.config.seeds:
-                for loss in self.config.tuned_losses:
-                    count += len(self.config.grids[loss])
-                    units += len(self.config.grids[loss]) * fit * epochs
-                    if self.role != "worker":
-                        count += len(self.config.schemes)
-                        units += len(self.config.schemes) * rest * epochs
-                if "ce" in self.config.losses and self.role != "worker":
-                    count += 2
-                    units += (rest + fit_ts) * epochs
+        planned = list(self.trials)
+        if self.role != "worker":
+            planned += self.baselines
+        count = len(planned)
+        units = sum(training.units for training in planned)
+        if self.role != "worker":
+            finals_count, finals_units = plan.expected_finals(self.config, self.sizes)
+            count += finals_count
+            units += finals_units
         return Progress(count, units)
 
     def run(self):
-        deferred = []
-        search_index = 0
-        for name in self.config.datasets:
-            for seed in self.config.seeds:
-                seed_data = SeedData.make(self.datasets[name], seed, self.config)
-                finals = []
-                for loss in self.config.tuned_losses:
-                    for scheme in self.config.schemes:
-                        value = self._search(seed_data, loss, scheme, search_index)
-                        search_index += 1
-                        if value is not None:
-                            finals.append((self._final, (seed_data, loss, value)))
-                if "ce" in self.config.losses and self.role != "worker":
-                    finals.append((self._final, (seed_data, "ce", None)))
-                    finals.append((self._temperature_scaling, (seed_data,)))
-                if self.role == "chief":
-                    # Workers wait for the chief's next search meanwhile.
-                    deferred += finals
-                else:
-                    for function, arguments in finals:
-                        function(*arguments)
-        for function, arguments in deferred:
-            function(*arguments)
+        if self.trainer.name == "population" and self.role != "worker":
+            self.execute(self.trials)
+        selections = self._searches()
+        if self.role == "worker":
+            return
+        finals = plan.finals(self.config, self.sizes, selections)
+        self._skip_agreeing_schemes(finals)
+        self.execute(self.baselines + finals)
 
-    def _search(self, seed_data, loss, scheme, search_index):
-        spec = protocol.LOSS_SPECS[loss]
-        name = seed_data.dataset.name
-        project = f"{name}-seed{seed_data.seed}-{loss}-{scheme}"
+    def _skip_agreeing_schemes(self, finals):
+        """Where both schemes chose the same value, one final training less
+        than the progress total counted."""
+        config = self.config
+        expected = len(config.tuned_losses) * len(config.schemes) * len(config.seeds)
+        for dataset in config.datasets:
+            planned = sum(1 for training in finals if training.dataset == dataset)
+            for _ in range(expected - planned):
+                self.progress.skip(self.sizes[dataset]["rest"] * config.epochs)
 
-        def run_trial(values):
-            return self._trial(seed_data, loss, values[spec.param])
+    def execute(self, trainings, trainer=None):
+        """Trains what the store does not hold yet, group by group."""
+        trainer = trainer or self.trainer
+        todo = []
+        for training in trainings:
+            record = self.store.get(training.key)
+            if record is None:
+                todo.append(training)
+            else:
+                self._report(training, record, None)
+        for group in trainer.groups(todo):
+            results = trainer.train(group, self.splits)
+            for training, (logits, seconds) in zip(group, results, strict=True):
+                record = self._record(training, logits, seconds, trainer.name)
+                record = self.store.put(training.key, record)
+                self._report(training, record, seconds)
 
-        result = self.tuning.grid_search(
-            run_trial,
-            spec.param,
-            self.config.grids[loss],
-            scheme,
-            directory=self.store.path("tuner"),
-            project_name=project,
-            search_index=search_index,
-        )
-        if result is None:
-            return None
-        value, score = result
-        objective = protocol.OBJECTIVES[scheme][0]
-        self.store.put(
-            selection_key(name, seed_data.seed, loss, scheme),
-            {
-                "kind": "selection",
-                "dataset": name,
-                "seed": seed_data.seed,
-                "loss": loss,
-                "param": spec.param,
-                "scheme": scheme,
-                "objective": objective,
-                "value": value,
-                "score": score,
-            },
-        )
-        return value
+    def _searches(self):
+        """Runs every KerasTuner search; returns the chosen values."""
+        selections = {}
+        trials = {training.key: training for training in self.trials}
+        for index, (dataset, seed, loss, scheme) in enumerate(self._search_list()):
+            spec = protocol.LOSS_SPECS[loss]
 
-    def _trial(self, seed_data, loss, value):
-        key = trial_key(seed_data.dataset.name, seed_data.seed, loss, value)
-        record = self.store.get(key)
-        units = len(seed_data.fit.y) * self.config.epochs
-        if record is None:
-            train_x, val_x = self.training.input_arrays(
-                self.config, seed_data.fit, seed_data.val
+            def run_trial(values, dataset=dataset, seed=seed, loss=loss):
+                param = protocol.LOSS_SPECS[loss].param
+                key = trial_key(dataset, seed, loss, values[param])
+                return self._trial(trials[key])
+
+            result = self.tuning.grid_search(
+                run_trial,
+                spec.param,
+                self.config.grids[loss],
+                scheme,
+                directory=self.store.path("tuner"),
+                project_name=f"{dataset}-seed{seed}-{loss}-{scheme}",
+                search_index=index,
             )
-            model, seconds = self._train(train_x, seed_data.fit, loss, value, seed_data)
-            logits = self.training.predict_logits(model, val_x)
-            scores = self.training.score_logits(logits, seed_data.val.y)
-            record = self.store.put(
-                key,
-                self._record("trial", seed_data, loss, value, seconds)
-                | {"evaluated_on": "validation", "n_train": len(seed_data.fit.y)}
-                | {"n_evaluated": len(seed_data.val.y)}
-                | scores,
+            if result is None:
+                continue
+            value, score = result
+            self.store.put(
+                selection_key(dataset, seed, loss, scheme),
+                records.selection_record(dataset, seed, loss, scheme, value, score),
             )
-            self._report(key, record, units, seconds)
-        else:
-            self._report(key, record, units, None)
+            selections[(dataset, seed, loss, scheme)] = value
+        return selections
+
+    def _search_list(self):
+        return [
+            (dataset, seed, loss, scheme)
+            for dataset in self.config.datasets
+            for seed in self.config.seeds
+            for loss in self.config.tuned_losses
+            for scheme in self.config.schemes
+        ]
+
+    def _trial(self, training):
+        """The validation metrics of a trial, trained now if not stored."""
+        # One trial at a time (a search's, a distributed worker's): a
+        # population of one would only add compilations.
+        self.execute([training], self.training.SequentialTrainer(self.config))
+        record = self.store.get(training.key)
         return {f"val_{name}": record[name] for name in self.training.METRIC_NAMES}
 
-    def _final(self, seed_data, loss, value):
-        key = final_key(seed_data.dataset.name, seed_data.seed, loss, value)
-        units = len(seed_data.rest.y) * self.config.epochs
-        record = self.store.get(key)
-        if record is not None:
-            if key in self.counted:
-                self.progress.skip(units)
-            else:
-                self._report(key, record, units, None)
-            return
-        train_x, test_x = self.training.input_arrays(
-            self.config, seed_data.rest, seed_data.test
+    def _record(self, training, logits, seconds, trainer_name):
+        record = records.training_record(
+            self.config, training, seconds, trainer_name, self.tuner_id, _backend()
         )
-        model, seconds = self._train(train_x, seed_data.rest, loss, value, seed_data)
-        logits = self.training.predict_logits(model, test_x)
-        record = self._record("final", seed_data, loss, value, seconds)
-        record |= {"evaluated_on": "test", "n_train": len(seed_data.rest.y)}
-        record |= self._test_scores(seed_data, logits, key)
-        record = self.store.put(key, record)
-        self._report(key, record, units, seconds)
+        split = self.splits[(training.dataset, training.seed)]
+        if training.kind == plan.TRIAL:
+            scores = self.training.score_logits(logits["val"], split.labels("val"))
+            return (
+                record
+                | scores
+                | {
+                    "evaluated_on": "validation",
+                    "n_evaluated": len(split.labels("val")),
+                }
+            )
+        record |= {"evaluated_on": "test"}
+        record |= self._test_scores(split, logits["test"], training.key)
+        if training.kind == plan.TEMPERATURE_SCALING:
+            record |= {
+                "variant": "temperature_scaling",
+                "n_calibration": len(split.labels("calibration")),
+                "temperature_scaling": self._temperature_scaling(
+                    split, logits["calibration"], logits["test"]
+                ),
+            }
+        return record
 
-    def _temperature_scaling(self, seed_data):
+    def _temperature_scaling(self, split, calibration_logits, test_logits):
+        """Temperatures fitted on the calibration hold-out's logits, by the
+        paper's ECE grid and by NLL, and the test scores they give."""
         from keras_label_relax import TemperatureScaling
 
-        key = temperature_scaling_key(seed_data.dataset.name, seed_data.seed)
-        units = len(seed_data.fit_ts.y) * self.config.epochs
-        record = self.store.get(key)
-        if record is not None:
-            self._report(key, record, units, None)
-            return
-        train_x, calibration_x, test_x = self.training.input_arrays(
-            self.config, seed_data.fit_ts, seed_data.calibration, seed_data.test
-        )
-        model, seconds = self._train(train_x, seed_data.fit_ts, "ce", None, seed_data)
-        logits = self.training.predict_logits(model, test_x)
-        record = self._record("final", seed_data, "ce", None, seconds)
-        record |= {
-            "variant": "temperature_scaling",
-            "evaluated_on": "test",
-            "n_train": len(seed_data.fit_ts.y),
-            "n_calibration": len(seed_data.calibration.y),
-        }
-        record |= self._test_scores(seed_data, logits, key)
-        scaling = TemperatureScaling(model, from_logits=True)
-        record["temperature_scaling"] = {}
+        scaling = TemperatureScaling(_identity_model(), from_logits=True)
+        results = {}
         for method, grid in (
             ("ece_grid", list(protocol.TEMPERATURE_GRID)),
             ("nll", None),
         ):
             temperature = scaling.calibrate(
-                calibration_x,
-                seed_data.calibration.y,
+                calibration_logits,
+                split.labels("calibration"),
                 method=method,
                 grid=grid,
-                batch_size=1024,
+                batch_size=len(calibration_logits),
             )
-            scores = self._test_scores(seed_data, logits / temperature, None)
-            record["temperature_scaling"][method] = {
-                "temperature": temperature
-            } | scores
-        record = self.store.put(key, record)
-        self._report(key, record, units, seconds)
+            scores = self._test_scores(split, test_logits / temperature, None)
+            results[method] = {"temperature": temperature} | scores
+        return results
 
-    def _train(self, train_x, part, loss, value, seed_data):
-        model, seconds = self.training.train_model(
-            self.config,
-            train_x,
-            part.y,
-            seed_data.dataset.num_classes,
-            loss,
-            value,
-            seed_data.seed,
-            self.verbose,
-        )
-        return model, seconds
-
-    def _test_scores(self, seed_data, logits, key):
-        scores = self.training.score_logits(logits, seed_data.test.y)
-        scores["n_evaluated"] = len(seed_data.test.y)
-        if seed_data.test.true_probs is not None:
+    def _test_scores(self, split, logits, key):
+        labels = split.labels("test")
+        scores = self.training.score_logits(logits, labels)
+        scores["n_evaluated"] = len(labels)
+        if split.dataset.true_probs is not None:
             scores["tce"] = self.training.true_calibration_error(
-                logits, seed_data.test.true_probs
+                logits, split.dataset.true_probs[split.parts["test"]]
             )
         if key is not None:
             scores["logits_file"] = self.store.save_array(key + "-logits", logits)
-            scores["labels_file"] = self.store.save_array(
-                key + "-labels", seed_data.test.y
-            )
+            scores["labels_file"] = self.store.save_array(key + "-labels", labels)
         return scores
 
-    def _record(self, kind, seed_data, loss, value, seconds):
-        config = self.config
-        return {
-            "kind": kind,
-            "profile": config.profile,
-            "dataset": seed_data.dataset.name,
-            "seed": seed_data.seed,
-            "loss": loss,
-            "param": protocol.LOSS_SPECS[loss].param,
-            "value": value,
-            "config": {
-                "model": config.model,
-                "epochs": config.epochs,
-                "batch_size": config.batch_size,
-                "learning_rate": config.learning_rate,
-                "drops": list(config.drops),
-                "drop_factor": config.drop_factor,
-                "legacy_decay": config.legacy_decay,
-                "val_fraction": config.val_fraction,
-            },
-            "seconds": seconds,
-            "backend": _backend(),
-            "tuner_id": self.tuner_id,
-            "finished_at": datetime.datetime.now().isoformat(timespec="seconds"),
-        }
-
-    def _report(self, key, record, units, seconds):
-        if key in self.counted:
+    def _report(self, training, record, seconds):
+        if training.key in self.counted:
             return
-        self.counted.add(key)
-        self.progress.finished(describe(record, seconds), units, seconds)
+        self.counted.add(training.key)
+        self.progress.finished(describe(record, seconds), training.units, seconds)
+
+
+def _identity_model():
+    """A model that returns its input: calibrators fitted on stored logits."""
+    import keras
+
+    return keras.Sequential([keras.layers.Identity()])
 
 
 def describe(record, seconds):
@@ -561,7 +528,8 @@ def main(argv=None):
         name: data.load_dataset(name, args.data_dir) for name in config.datasets
     }
     store = ResultStore(out)
-    Runner(config, store, datasets, role=role, verbose=args.verbose).run()
+    trainer = make_trainer(args, config)
+    Runner(config, store, datasets, trainer, role=role).run()
     if role == "worker":
         print(
             "This worker's share of the searches is done; the chief writes the tables."
@@ -578,6 +546,29 @@ def main(argv=None):
     if notes:
         print("This run departs from the paper: " + "; ".join(notes) + ".")
     return 0
+
+
+def make_trainer(args, config):
+    """The trainer asked for, or the backend's default; population training
+    needs JAX, and other backends fall back to sequential, saying so."""
+    from benchmarks import training
+
+    backend = _backend()
+    name = args.trainer or ("population" if backend == "jax" else "sequential")
+    if name == "population" and backend != "jax":
+        print(
+            f"--trainer population needs the JAX backend; the {backend} backend "
+            "trains sequentially.",
+            flush=True,
+        )
+        name = "sequential"
+    if name == "sequential":
+        return training.SequentialTrainer(config, verbose=args.verbose)
+    from benchmarks import population
+
+    return population.PopulationTrainer(
+        config, population_size=args.population_size, verbose=args.verbose
+    )
 
 
 def _print_header(config, out, role, notes):

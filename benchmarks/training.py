@@ -1,33 +1,69 @@
-"""Training and scoring one model the way the paper does."""
+"""Training and scoring models the way the paper does.
 
-import math
+`SequentialTrainer` trains one Keras model at a time with `Model.fit`, on any
+backend; `benchmarks.population.PopulationTrainer` (JAX) trains many at once.
+Both draw the same initial weights, batches and losses from here.
+"""
+
 import time
 
 import keras
 import numpy as np
 from keras import ops
 
+from benchmarks import data
 from benchmarks import models
-from keras_label_relax import ConfidencePenalty
+from benchmarks import plan
+from benchmarks import protocol
 from keras_label_relax import ExpectedCalibrationError
-from keras_label_relax import FocalLoss
-from keras_label_relax import LabelRelaxation
-from keras_label_relax import LabelSmoothing
+from keras_label_relax import losses as library_losses
 
-_LOSS_CLASSES = {
-    "ls": LabelSmoothing,
-    "cp": ConfidencePenalty,
-    "fl": FocalLoss,
-    "lr": LabelRelaxation,
-}
 _EVAL_BATCH_SIZE = 1024
 
 
-def make_loss(loss, value=None):
-    """The paper's loss `loss` ("ce", "ls", "cp", "fl", "lr") on logits."""
+def loss_function(loss, config):
+    """`fn(y_true, logits, value) -> per-sample losses` for the loss key.
+
+    The value may be a Python number or a (traced, vmapped) scalar tensor.
+    """
+    if loss == "cp" and config.paper_cp_sign:
+        return paper_confidence_penalty
+    function = protocol.LOSS_SPECS[loss].function
+    if function is None:
+        return _cross_entropy
+    function = getattr(library_losses, function)
+    return lambda y_true, logits, value: function(
+        y_true, logits, value, from_logits=True
+    )
+
+
+def _cross_entropy(y_true, logits, value=None):
+    return ops.sparse_categorical_crossentropy(y_true, logits, from_logits=True)
+
+
+def paper_confidence_penalty(y_true, logits, beta):
+    """`CE + beta * H(p)`: the sign of the paper's eq. (2) and code, which
+    rewards confidence. Benchmark-only (`--protocol authors-code`); the
+    library's `ConfidencePenalty` subtracts the entropy, as Pereyra et al."""
+    log_p = ops.log_softmax(logits, axis=-1)
+    entropy = -ops.sum(ops.exp(log_p) * log_p, axis=-1)
+    return _cross_entropy(y_true, logits) + beta * entropy
+
+
+def make_loss(loss, value, config):
+    """The Keras loss object that `Model.fit` trains `loss` with."""
     if loss == "ce":
         return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    return _LOSS_CLASSES[loss](value, from_logits=True)
+    if loss == "cp" and config.paper_cp_sign:
+        return keras.losses.LossFunctionWrapper(
+            paper_confidence_penalty, beta=value, name="paper_confidence_penalty"
+        )
+    function = protocol.LOSS_SPECS[loss].function
+    class_name = "".join(part.title() for part in function.split("_"))
+    loss_class = getattr(library_losses, class_name)
+    if value is None:
+        return loss_class(from_logits=True)
+    return loss_class(value, from_logits=True)
 
 
 @keras.saving.register_keras_serializable(package="benchmarks")
@@ -112,83 +148,136 @@ def _softmax(logits):
     return exp / exp.sum(axis=-1, keepdims=True)
 
 
-def input_arrays(config, train, *others):
+def input_arrays(config, train_x, *others):
     """Model inputs: the training part's pixel mean subtracted where the
-    protocol does so (CIFAR)."""
+    protocol does so."""
     if not config.subtract_mean:
-        return (train.x, *(other.x for other in others))
-    from benchmarks import data
+        return (train_x, *others)
+    return data.subtract_pixel_mean(train_x, *others)
 
-    return data.subtract_pixel_mean(train.x, *(other.x for other in others))
+
+def steps_per_epoch(num_examples, config):
+    if config.full_batches:
+        return num_examples // config.batch_size
+    return -(-num_examples // config.batch_size)
+
+
+def schedule(config, num_examples):
+    return StepDecay(
+        config.learning_rate,
+        [drop * steps_per_epoch(num_examples, config) for drop in config.drops],
+        config.drop_factor,
+        config.legacy_decay,
+    )
+
+
+def make_optimizer(config, num_examples):
+    return keras.optimizers.SGD(
+        schedule(config, num_examples), momentum=protocol.MOMENTUM, nesterov=True
+    )
+
+
+def initial_model(config, input_shape, num_classes, seed):
+    """The model a training with `seed` starts from: the same weights
+    whichever trainer trains it."""
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(seed)
+    return models.build_model(
+        config.model,
+        input_shape,
+        num_classes,
+        augment=config.augment,
+        seed=seed,
+        output_l2=config.resnet_output_l2,
+    )
+
+
+def batch_orders(config, num_examples, seed):
+    return plan.batch_orders(
+        num_examples, config.batch_size, seed, config.epochs, config.full_batches
+    )
 
 
 class ShuffledBatches(keras.utils.PyDataset):
-    """Full batches of `(x, y)` in a new random order each epoch.
+    """The batches of `(x, y)` of all epochs, in the order `plan.batch_orders`
+    draws them, as one long epoch.
 
-    Each epoch drops the `len(x) % batch_size` examples that would form a
-    smaller last batch (different ones each epoch). On the small datasets of
-    the quick profile, that smaller batch would make JAX compile the training
-    step a second time, which costs as much as the training itself.
+    One long epoch, because when Keras calls `on_epoch_end` is not something
+    to build an order on (it peeks at a batch before the first epoch). With
+    full batches, each epoch drops the `len(x) % batch_size` examples that
+    would form a smaller last batch (different ones each epoch). On the
+    small datasets of the quick profile, that smaller batch would make JAX
+    compile the training step a second time, which costs as much as the
+    training itself.
     """
 
-    def __init__(self, x, y, batch_size, seed):
+    def __init__(self, x, y, orders):
         super().__init__()
-        self.x, self.y, self.batch_size = x, y, batch_size
-        self.rng = np.random.default_rng(seed)
-        self.order = self.rng.permutation(len(x))
+        self.x, self.y = x, y
+        self.batches = [batch for epoch in orders for batch in epoch]
 
     def __len__(self):
-        return len(self.x) // self.batch_size
+        return len(self.batches)
 
     def __getitem__(self, index):
-        batch = self.order[index * self.batch_size : (index + 1) * self.batch_size]
+        batch = self.batches[index]
         return self.x[batch], self.y[batch]
-
-    def on_epoch_end(self):
-        self.order = self.rng.permutation(len(self.x))
 
 
 def train_model(config, train_x, train_y, num_classes, loss, value, seed, verbose):
     """Builds, compiles and trains one model; returns it and the seconds taken."""
     start = time.perf_counter()
-    keras.backend.clear_session()
-    keras.utils.set_random_seed(seed)
-    model = models.build_model(
-        config.model,
-        train_x.shape[1:],
-        num_classes,
-        augment=config.augment,
-        seed=seed,
-    )
-    if config.full_batches:
-        steps_per_epoch = len(train_x) // config.batch_size
-    else:
-        steps_per_epoch = math.ceil(len(train_x) / config.batch_size)
-    schedule = StepDecay(
-        config.learning_rate,
-        [drop * steps_per_epoch for drop in config.drops],
-        config.drop_factor,
-        config.legacy_decay,
-    )
+    model = initial_model(config, train_x.shape[1:], num_classes, seed)
     model.compile(
-        optimizer=keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True),
-        loss=make_loss(loss, value),
+        optimizer=make_optimizer(config, len(train_x)),
+        loss=make_loss(loss, value, config),
         metrics=["accuracy", ExpectedCalibrationError(from_logits=True)],
     )
-    verbose = 1 if verbose else 0
-    if config.full_batches:
-        batches = ShuffledBatches(train_x, train_y, config.batch_size, seed)
-        model.fit(batches, epochs=config.epochs, verbose=verbose)
-    else:
-        model.fit(
-            train_x,
-            train_y,
-            batch_size=config.batch_size,
-            epochs=config.epochs,
-            shuffle=True,
-            verbose=verbose,
-        )
+    batches = ShuffledBatches(
+        train_x, train_y, batch_orders(config, len(train_x), seed)
+    )
+    # `shuffle=False`: Keras would otherwise shuffle the order of the batches.
+    model.fit(batches, epochs=1, shuffle=False, verbose=1 if verbose else 0)
     return model, time.perf_counter() - start
+
+
+class SequentialTrainer:
+    """Trains the planned trainings one after another with `Model.fit`."""
+
+    name = "sequential"
+
+    def __init__(self, config, verbose=False):
+        self.config = config
+        self.verbose = verbose
+
+    def groups(self, trainings):
+        return [[training] for training in trainings]
+
+    def train(self, group, splits):
+        """Trains `group` (one training); returns `[(logits, seconds)]` with
+        `logits` a dict of the evaluation parts' logits."""
+        (training,) = group
+        split = splits[(training.dataset, training.seed)]
+        inputs = input_arrays(
+            self.config,
+            split.dataset.x[split.parts[training.train_part]],
+            *(split.dataset.x[split.parts[part]] for part in training.eval_parts),
+        )
+        model, seconds = train_model(
+            self.config,
+            inputs[0],
+            split.labels(training.train_part),
+            split.dataset.num_classes,
+            training.loss,
+            training.value,
+            training.seed,
+            self.verbose,
+        )
+        logits = {
+            part: predict_logits(model, x)
+            for part, x in zip(training.eval_parts, inputs[1:], strict=True)
+        }
+        return [(logits, seconds)]
 
 
 def predict_logits(model, x):

@@ -127,12 +127,12 @@ def test_cifar_inputs_lose_the_training_pixel_mean():
         for n in (6, 3)
     )
     config = run_config.from_profile("cifar10")
-    train_x, test_x = training.input_arrays(config, train, test)
+    train_x, test_x = training.input_arrays(config, train.x, test.x)
     mean = train.x.mean(axis=0)
     np.testing.assert_allclose(train_x, train.x - mean, atol=1e-6)
     np.testing.assert_allclose(test_x, test.x - mean, atol=1e-6)
     quick = dataclasses.replace(config, subtract_mean=False)
-    assert training.input_arrays(quick, train, test)[1] is test.x
+    assert training.input_arrays(quick, train.x, test.x)[1] is test.x
 
 
 @pytest.mark.parametrize(
@@ -146,13 +146,22 @@ def test_cifar_inputs_lose_the_training_pixel_mean():
         (["--seeds", "0"], "--seeds"),
         (["--val-fraction", "1.0"], "--val-fraction"),
         (["--resume"], "--out"),
+        (["--trainer", "population", "--population-size", "0"], "--population-size"),
+        (["--protocol", "authors"], "--protocol"),
+        (["--trainer", "parallel"], "invalid choice"),
     ],
 )
-def test_bad_options_fail_before_training(argv, message, capsys):
+def test_bad_options_fail_before_training(argv, message, capsys, tmp_path):
+    out = tmp_path / "run"
+    if "--resume" not in argv:
+        argv = argv + ["--out", str(out)]
     assert run_main(argv + ["--datasets", "digits"]) == 2
     captured = capsys.readouterr()
     assert message in captured.err
+    errors = [line for line in captured.err.splitlines() if "error: " in line]
+    assert len(errors) == 1 and message in errors[0]
     assert captured.out == ""
+    assert not out.exists()
 
 
 def run_main(argv):
@@ -452,6 +461,9 @@ def _free_port():
 def test_distributed_chief_and_two_workers_run_each_trial_once(tmp_path):
     grid = ["0.01", "0.05", "0.1", "0.2", "0.3"]
     arguments = [*TINY[:6], "--losses", "lr", "--grid", "lr=" + ",".join(grid)]
+    # Sequential: the oracle hands the trials to the workers (a population
+    # trainer would have the chief train them all first).
+    arguments += ["--trainer", "sequential"]
     arguments += ["--select", "accuracy", "--out", str(tmp_path / "run")]
     cluster = {"KERASTUNER_ORACLE_IP": "127.0.0.1"}
     cluster["KERASTUNER_ORACLE_PORT"] = str(_free_port())

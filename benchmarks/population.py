@@ -1,0 +1,298 @@
+"""Population training: many trainings of one network as one JAX program.
+
+The trainings of a phase that share a dataset and a training-part size use
+the same network, the same number of steps per epoch and the same schedule.
+What differs per member is its initial weights (the seed it would have
+alone), its split, its batch order, its loss and its hyper-parameter.
+`PopulationTrainer` stacks the members' weights and optimizer states on a
+leading axis and runs each epoch as one compiled program: `jax.lax.scan`
+over the steps of `jax.vmap` over the members of Keras' stateless train step
+(`Model.stateless_call`, `Optimizer.stateless_apply`). Each member computes
+what `Model.fit` computes for it alone, up to the order of float additions.
+"""
+
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+
+from benchmarks import plan
+from benchmarks import protocol
+from benchmarks import training as training_lib
+
+_EVAL_CHUNK = 1024
+# Share of the free memory that one population may fill.
+_MEMORY_SHARE = 0.5
+
+
+class PopulationTrainer:
+    """Trains groups of planned trainings as populations (JAX only).
+
+    Args:
+        config: the run's `RunConfig`.
+        population_size: most members per population; `None` chooses from
+            the model's size and the free memory (`default_population_size`).
+    """
+
+    name = "population"
+
+    def __init__(self, config, population_size=None, verbose=False):
+        if keras.backend.backend() != "jax":
+            raise ValueError(
+                "Population training needs the JAX backend. Received: "
+                f"KERAS_BACKEND={keras.backend.backend()!r}"
+            )
+        self.config = config
+        self.population_size = population_size
+        self.verbose = verbose
+
+    def groups(self, trainings):
+        groups = []
+        for group in plan.groups_by_size(trainings):
+            size = self.population_size or self._default_size(group[0])
+            groups += [group[i : i + size] for i in range(0, len(group), size)]
+        return groups
+
+    def _default_size(self, training):
+        return default_population_size(
+            self.config, training.n_train, self._example_shape, self._num_classes
+        )
+
+    def prepare(self, splits):
+        """Remembers the datasets' shapes (for the default size)."""
+        split = next(iter(splits.values()))
+        self._example_shape = split.dataset.x.shape[1:]
+        self._num_classes = split.dataset.num_classes
+
+    def train(self, group, splits):
+        """Trains `group` as one population; returns, per member in order,
+        `(logits by evaluation part, seconds)`: its share of the wall time."""
+        start = time.perf_counter()
+        population = _Population(self.config, group, splits)
+        population.fit(verbose=self.verbose)
+        logits = population.evaluate()
+        seconds = (time.perf_counter() - start) / len(group)
+        return [(member_logits, seconds) for member_logits in logits]
+
+
+def default_population_size(config, num_train, example_shape, num_classes):
+    """The most members that fit in half the free memory of the device."""
+    model = training_lib.initial_model(config, example_shape, num_classes, 0)
+    per_member = _bytes_per_member(model, config.batch_size)
+    return max(1, int(_free_bytes() * _MEMORY_SHARE // per_member))
+
+
+def _bytes_per_member(model, batch_size):
+    parameters = sum(int(np.prod(v.shape)) for v in model.variables)
+    activations = sum(
+        int(np.prod(layer.output.shape[1:]))
+        for layer in model.layers
+        if hasattr(layer, "output")
+    )
+    # Weights, momentum, gradients and the updated weights; activations kept
+    # for the backward pass, with room for temporaries.
+    return 4 * (4 * parameters + 3 * batch_size * activations)
+
+
+def _free_bytes():
+    device = jax.devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    with open("/proc/meminfo", encoding="ascii") as file:
+        for line in file:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+class _Population:
+    """The stacked state and compiled steps of one population."""
+
+    def __init__(self, config, group, splits):
+        self.config = config
+        self.group = group
+        self.splits = [splits[(t.dataset, t.seed)] for t in group]
+        dataset = self.splits[0].dataset
+        self.x = jnp.asarray(dataset.x)
+        self.y = jnp.asarray(dataset.y, "int32")
+        self.train_index = np.stack(
+            [
+                split.parts[t.train_part]
+                for t, split in zip(group, self.splits, strict=True)
+            ]
+        )
+        self.mean = self._pixel_means(dataset)
+        self.model, self.state = self._initial_state(dataset)
+        self.losses = sorted({t.loss for t in group})
+        self.loss_functions = [
+            training_lib.loss_function(loss, config) for loss in self.losses
+        ]
+        self.loss_index = jnp.asarray([self.losses.index(t.loss) for t in group])
+        self.values = jnp.asarray(
+            [[_value_for(loss, t) for loss in self.losses] for t in group],
+            "float32",
+        )
+
+    def _members(self):
+        return zip(self.group, self.splits, strict=True)
+
+    def _pixel_means(self, dataset):
+        """Each member's training-part pixel mean, or zeros."""
+        if not self.config.subtract_mean:
+            return jnp.zeros((len(self.group), 1), "float32")
+        means = [
+            np.mean(dataset.x[index], axis=0, dtype=np.float64)
+            for index in self.train_index
+        ]
+        return jnp.asarray(np.stack(means), "float32")
+
+    def _initial_state(self, dataset):
+        """Each member's initial weights, those of its seed trained alone."""
+        by_seed = {}
+        for training in self.group:
+            if training.seed not in by_seed:
+                model = training_lib.initial_model(
+                    self.config, dataset.x.shape[1:], dataset.num_classes, training.seed
+                )
+                by_seed[training.seed] = (
+                    [np.asarray(v.value) for v in model.trainable_variables],
+                    [np.asarray(v.value) for v in model.non_trainable_variables],
+                )
+        self.optimizer = training_lib.make_optimizer(self.config, self.group[0].n_train)
+        self.optimizer.build(model.trainable_variables)
+        optimizer_values = [np.asarray(v.value) for v in self.optimizer.variables]
+        members = len(self.group)
+
+        def stack(per_member):
+            return [
+                jnp.asarray(np.stack(values))
+                for values in zip(*per_member, strict=True)
+            ]
+
+        trainable = stack([by_seed[t.seed][0] for t in self.group])
+        non_trainable = stack([by_seed[t.seed][1] for t in self.group])
+        optimizer = [
+            jnp.asarray(np.broadcast_to(v, (members, *v.shape)))
+            for v in optimizer_values
+        ]
+        return model, (trainable, non_trainable, optimizer)
+
+    def _member_step(self, state, index, loss_index, values, mean, data):
+        trainable, non_trainable, optimizer = state
+        x = data[0][index] - mean
+        y = data[1][index]
+
+        def objective(trainable):
+            logits, new_non_trainable, penalties = self.model.stateless_call(
+                trainable, non_trainable, x, training=True, return_losses=True
+            )
+            per_loss = [
+                jnp.mean(self.loss_functions[i](y, logits, values[i]))
+                for i in range(len(self.losses))
+            ]
+            loss = jnp.stack(per_loss)[loss_index]
+            for penalty in penalties:
+                loss = loss + penalty
+            return loss, new_non_trainable
+
+        (loss, non_trainable), gradients = jax.value_and_grad(objective, has_aux=True)(
+            trainable
+        )
+        trainable, optimizer = self.optimizer.stateless_apply(
+            optimizer, gradients, trainable
+        )
+        return (trainable, non_trainable, optimizer), loss
+
+    def _population_step(self, state, index, data):
+        # The dataset goes in as an argument: closed over, it would be
+        # compiled into the program as a constant.
+        step = jax.vmap(self._member_step, in_axes=(0, 0, 0, 0, 0, None))
+        return step(state, index, self.loss_index, self.values, self.mean, data)
+
+    def fit(self, verbose=False):
+        data = (self.x, self.y)
+
+        def epoch(state, indices, data):
+            return jax.lax.scan(
+                lambda state, index: self._population_step(state, index, data),
+                state,
+                indices,
+            )
+
+        scan_epoch = jax.jit(epoch, donate_argnums=0)
+        last_step = jax.jit(self._population_step, donate_argnums=0)
+        config, group = self.config, self.group
+        orders = [
+            plan.batch_orders(
+                t.n_train, config.batch_size, t.seed, config.epochs, config.full_batches
+            )
+            for t in group
+        ]
+        state = self.state
+        for epoch in range(config.epochs):
+            batches = [next(member_orders) for member_orders in orders]
+            full = [
+                [self.train_index[m][b] for b in member if len(b) == config.batch_size]
+                for m, member in enumerate(batches)
+            ]
+            indices = jnp.asarray(np.stack(full, axis=1), "int32")
+            state, losses = scan_epoch(state, indices, data)
+            partial = [member[-1] for member in batches]
+            if len(partial[0]) != config.batch_size:
+                index = np.stack(
+                    [self.train_index[m][b] for m, b in enumerate(partial)]
+                )
+                state, _ = last_step(state, jnp.asarray(np.stack(index), "int32"), data)
+            if verbose:
+                print(
+                    f"  population of {len(group)}: epoch {epoch + 1}/"
+                    f"{config.epochs}, mean loss {float(jnp.mean(losses)):.4f}",
+                    flush=True,
+                )
+        self.state = state
+
+    def evaluate(self):
+        """Per member, the logits on each of its evaluation parts."""
+        trainable, non_trainable, _ = self.state
+
+        def member_logits(trainable, non_trainable, index, mean, x):
+            logits, _ = self.model.stateless_call(
+                trainable, non_trainable, x[index] - mean, training=False
+            )
+            return logits
+
+        logits_of = jax.jit(jax.vmap(member_logits, in_axes=(0, 0, 0, 0, None)))
+        results = [{} for _ in self.group]
+        for part in self.group[0].eval_parts:
+            index = np.stack([split.parts[part] for split in self.splits])
+            size = index.shape[1]
+            padded = -(-size // _EVAL_CHUNK) * _EVAL_CHUNK
+            index = np.pad(index, ((0, 0), (0, padded - size)))
+            chunks = [
+                logits_of(
+                    trainable,
+                    non_trainable,
+                    jnp.asarray(index[:, start : start + _EVAL_CHUNK], "int32"),
+                    self.mean,
+                    self.x,
+                )
+                for start in range(0, padded, _EVAL_CHUNK)
+            ]
+            logits = np.concatenate([np.asarray(c) for c in chunks], axis=1)
+            for member, result in enumerate(results):
+                result[part] = logits[member, :size].astype(np.float32)
+        return results
+
+
+def _value_for(loss, training):
+    """The member's hyper-parameter for its own loss; for the other losses
+    of the population (computed, then not selected), a valid placeholder
+    from their grid, so that no unselected branch produces a NaN."""
+    if loss == training.loss:
+        return 0.0 if training.value is None else training.value
+    spec = protocol.LOSS_SPECS[loss]
+    return spec.grid[0] if spec.grid else 0.0
