@@ -7,11 +7,15 @@ import pytest
 from benchmarks.training import true_calibration_error
 
 
+def reference_softmax(logits):
+    logits = np.asarray(logits, np.float64)
+    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
 def reference_tce(logits, true_probs, num_bins=15):
     """A loop over the bins (lo, hi] of the top-label confidence."""
-    logits = np.asarray(logits, np.float64)
-    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probs /= probs.sum(axis=1, keepdims=True)
+    probs = reference_softmax(logits)
     predicted = probs.argmax(axis=1)
     confidence = probs.max(axis=1)
     true_top = np.asarray(true_probs, np.float64)[np.arange(len(probs)), predicted]
@@ -94,8 +98,3 @@ def test_bad_arguments_raise_value_errors():
         true_calibration_error(np.log(true_probs), true_probs, num_bins=2.5)
     with pytest.raises(ValueError, match=r"true_probs.shape=\(10, 4\)"):
         true_calibration_error(np.log(true_probs), true_probs[:, :4])
-
-
-def reference_softmax(logits):
-    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return exp / exp.sum(axis=1, keepdims=True)
