@@ -115,12 +115,10 @@ def true_calibration_error(logits, true_probs, num_bins=15):
     Returns:
         The error as a Python float.
     """
-    if isinstance(num_bins, bool) or not isinstance(num_bins, (int, np.integer)):
-        raise ValueError(
-            "Invalid value for argument `num_bins`: expected an integer >= 1. "
-            f"Received: num_bins={num_bins!r}"
-        )
-    if num_bins < 1:
+    is_integer = isinstance(num_bins, (int, np.integer)) and not isinstance(
+        num_bins, bool
+    )
+    if not is_integer or num_bins < 1:
         raise ValueError(
             "Invalid value for argument `num_bins`: expected an integer >= 1. "
             f"Received: num_bins={num_bins!r}"
