@@ -91,6 +91,24 @@ class ResultStore:
             os.fsync(file.fileno())
 
 
+def read_results(path):
+    """The records of a `results.jsonl` file, one per key (the last line of a
+    key wins), sorted by key; and the number of lines that are not JSON (a run
+    killed mid-line leaves one)."""
+    by_key, unreadable = {}, 0
+    with open(path, encoding="utf-8") as file:
+        for line in file:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                unreadable += 1
+                continue
+            by_key[record["key"]] = record
+    return [by_key[key] for key in sorted(by_key)], unreadable
+
+
 def trial_key(dataset, seed, loss, value):
     return f"trial-{dataset}-seed{seed}-{loss}={value:g}"
 

@@ -130,16 +130,49 @@ def score_logits(logits, labels):
     return scores
 
 
-def true_calibration_error(logits, true_probs):
-    """Mean |p_hat(y_hat | x) - p*(y_hat | x)| over the examples.
+def true_calibration_error(logits, true_probs, num_bins=15):
+    """Top-label calibration error against the true class probabilities.
 
-    The top-label error that binned ECE estimates, computed exactly where the
-    true class probabilities p* are known (the synthetic task).
+    With c(x) the predicted confidence max_k p_hat(k|x) and y_hat(x) its
+    class, the confidences are put in `num_bins` equal-width bins (lo, hi]
+    (as `ExpectedCalibrationError` bins them), and each bin b adds
+    |mean p*(y_hat|x) - mean c(x)| over its points, weighted by its share of
+    the points. It is the binned ECE with the correctness of each prediction
+    replaced by its true probability p*(y_hat|x), so the label noise of the
+    test labels does not enter; it needs the true class probabilities p*
+    (the synthetic task). A predictor whose confidence equals its true
+    accuracy on every bin scores 0, however sharp it is.
+
+    Args:
+        logits: predicted logits, shape `(n, num_classes)`.
+        true_probs: the true class probabilities, the same shape.
+        num_bins: number of equal-width confidence bins, an integer >= 1.
+
+    Returns:
+        The error as a Python float.
     """
+    is_integer = isinstance(num_bins, (int, np.integer)) and not isinstance(
+        num_bins, bool
+    )
+    if not is_integer or num_bins < 1:
+        raise ValueError(
+            "Invalid value for argument `num_bins`: expected an integer >= 1. "
+            f"Received: num_bins={num_bins!r}"
+        )
     probs = _softmax(np.asarray(logits, np.float64))
+    true_probs = np.asarray(true_probs, np.float64)
+    if true_probs.shape != probs.shape or probs.ndim != 2:
+        raise ValueError(
+            "Invalid value for argument `true_probs`: expected the shape of "
+            f"`logits`, (n, num_classes) = {probs.shape}. "
+            f"Received: true_probs.shape={true_probs.shape}"
+        )
     top = np.argmax(probs, axis=-1)
     rows = np.arange(len(top))
-    return float(np.mean(np.abs(probs[rows, top] - true_probs[rows, top])))
+    confidence = probs[rows, top]
+    bins = np.clip(np.ceil(confidence * num_bins).astype(int) - 1, 0, num_bins - 1)
+    gaps = np.bincount(bins, true_probs[rows, top] - confidence, minlength=num_bins)
+    return float(np.abs(gaps).sum() / max(len(top), 1))
 
 
 def _softmax(logits):
