@@ -168,7 +168,7 @@ def check_grids(config):
     for loss in config.tuned_losses:
         for value in config.grids[loss]:
             try:
-                training.make_loss(loss, value)
+                training.make_loss(loss, value, config)
             except ValueError as error:
                 raise ValueError(f"`--grid {loss}=...`: {error}") from None
 
@@ -537,11 +537,11 @@ def main(argv=None):
         return 0
     from benchmarks import report
 
-    markdown = report.write_report(
-        config, store, command, notes, _backend(), time.perf_counter() - start
-    )
+    store.rewrite_results_file()
+    markdown, _ = report.write_report(out)
     print()
     print(markdown)
+    print(f"Wall time of this invocation {(time.perf_counter() - start) / 60:.1f} min.")
     print(f"Tables, results.jsonl and reliability diagrams in {out}")
     if notes:
         print("This run departs from the paper: " + "; ".join(notes) + ".")
