@@ -987,6 +987,9 @@ def _cross_entropy(y_true, y_pred, log_p, sparse):
 def _prepare(y_true, y_pred):
     """Tensors, with `y_pred` in its compute dtype (float32 or float64)."""
     y_pred = ops.convert_to_tensor(y_pred)
+    if not hasattr(y_pred, "ndim"):
+        # A `tf.Variable`, which Keras' TensorFlow `take_along_axis` rejects.
+        y_pred = y_pred.read_value()
     y_pred = ops.cast(y_pred, _compute_dtype(y_pred))
     return ops.convert_to_tensor(y_true), y_pred
 
