@@ -42,6 +42,8 @@ from keras_label_relax._validation import check_sample_dependent_gammas
 # log(1 - p) is evaluated at log p <= this bound so that its gradient,
 # -p / (1 - p), stays finite where p rounds to exactly 1.
 _MAX_LOG_PROBABILITY = -1e-30
+# Below any logit or log-probability the losses meet, finite in float32.
+_LOWEST = -3.0e38
 
 
 class _ClassificationLoss(keras.losses.Loss):
@@ -524,21 +526,25 @@ def dual_focal_loss(y_true, y_pred, gamma, from_logits=False):
     y_true, y_pred = _prepare(y_true, y_pred)
     gamma = _hyper_parameter("gamma", gamma, check_non_negative, y_pred.dtype)
     class_ids = _labels.class_ids(y_true, y_pred)
-    observed = take_class(y_pred, class_ids)
     # Ranks come from `y_pred` itself (logits, or probabilities: the same
     # order), so the label's own entry is never "below" itself by rounding.
-    below = y_pred < ops.expand_dims(observed, -1)
+    observed = ops.expand_dims(take_class(y_pred, class_ids), -1)
+    below = y_pred < observed
+    # Entries not below the label's get a finite value that never wins the
+    # max (an infinity turns into NaN gradients under torch.compile); rows
+    # with nothing below get p_j = 0.
     if from_logits:
         log_p = observed_log_probability(class_ids, y_pred, True)
+        z_j = ops.max(ops.where(below, y_pred, _LOWEST), axis=-1, keepdims=True)
         # log p_j = z_j - logsumexp(z) = z_j - z_y + log p_y.
-        lowest = ops.full_like(y_pred, -math.inf)
-        z_j = ops.max(ops.where(below, y_pred, lowest), axis=-1)
-        p_j = ops.exp(z_j - observed + log_p)
+        log_p_j = ops.squeeze(z_j - observed, -1) + log_p
+        any_below = ops.squeeze(z_j > _LOWEST, -1)
     else:
         all_log_p = log_probabilities(y_pred, False)
         log_p = take_class(all_log_p, class_ids)
-        lowest = ops.full_like(all_log_p, -math.inf)
-        p_j = ops.exp(ops.max(ops.where(below, all_log_p, lowest), axis=-1))
+        log_p_j = ops.max(ops.where(below, all_log_p, _LOWEST), axis=-1)
+        any_below = log_p_j > _LOWEST
+    p_j = ops.where(any_below, ops.exp(log_p_j), ops.zeros_like(log_p_j))
     base = one_minus_probability(log_p) + p_j
     losses = -ops.power(base, gamma) * log_p
     return _nan_outside(losses, gamma, low=0.0)
