@@ -62,7 +62,7 @@ def check_sample_dependent_gammas(thresholds, gammas):
     gammas = _check_sequence("gammas", gammas)
     values = tuple(check_number("thresholds", value) for value in thresholds)
     if any(not 0.0 < value < 1.0 for value in values) or any(
-        b <= a for a, b in zip(values, values[1:])
+        b <= a for a, b in zip(values, values[1:], strict=False)
     ):
         raise ValueError(
             "Argument `thresholds` must be strictly increasing and inside (0, 1). "
@@ -77,8 +77,7 @@ def check_sample_dependent_gammas(thresholds, gammas):
     for value in gammas:
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise ValueError(
-                "Argument `gammas` must hold real numbers. "
-                f"Received: gammas={gammas!r}"
+                f"Argument `gammas` must hold real numbers. Received: gammas={gammas!r}"
             )
         if not math.isfinite(value) or value < 0.0:
             raise ValueError(

@@ -150,12 +150,12 @@ def label_smoothing(y_true, y_pred, alpha, from_logits=False):
         # fused cross-entropy plus one gather and one mean.
         class_ids = _labels.class_ids(y_true, y_pred)
         cross_entropy = -observed_log_probability(class_ids, y_pred, True)
-        spread = take_class(y_pred, class_ids) - ops.mean(y_pred, axis=-1)
+        spread = take_class(y_pred, class_ids) - _mean_over_classes(y_pred)
         losses = cross_entropy + alpha * spread
     else:
         log_p = log_probabilities(y_pred, from_logits)
         cross_entropy = _cross_entropy(y_true, y_pred, log_p, sparse)
-        losses = (1.0 - alpha) * cross_entropy - alpha * ops.mean(log_p, axis=-1)
+        losses = (1.0 - alpha) * cross_entropy - alpha * _mean_over_classes(log_p)
     return _nan_outside(losses, alpha, low=0.0, high=1.0)
 
 
@@ -588,7 +588,7 @@ def margin_label_smoothing(y_true, y_pred, margin, weight, from_logits=True):
         log_p = log_probabilities(y_pred, True)
         cross_entropy = _cross_entropy(y_true, y_pred, log_p, sparse=False)
     ceiling = ops.max(y_pred, axis=-1, keepdims=True) - margin
-    penalty = ops.mean(ops.relu(ceiling - y_pred), axis=-1)
+    penalty = _mean_over_classes(ops.relu(ceiling - y_pred))
     losses = cross_entropy + weight * penalty
     losses = _nan_outside(losses, margin, low=0.0)
     return _nan_outside(losses, weight, low=0.0)
@@ -676,9 +676,7 @@ class SampleDependentFocalLoss(_ClassificationLoss):
         dtype=None,
     ):
         super().__init__(from_logits, reduction, name, dtype)
-        self.thresholds, self.gammas = check_sample_dependent_gammas(
-            thresholds, gammas
-        )
+        self.thresholds, self.gammas = check_sample_dependent_gammas(thresholds, gammas)
 
     def call(self, y_true, y_pred):
         return sample_dependent_focal_loss(
@@ -1027,6 +1025,14 @@ def _nan_outside(losses, value, low, high=None):
     if high is not None:
         valid = ops.logical_and(valid, value < high)
     return ops.where(valid, losses, ops.full_like(losses, float("nan")))
+
+
+def _mean_over_classes(x):
+    # Keras' `ops.mean` on JAX reduces float64 in float32.
+    num_classes = x.shape[-1]
+    if num_classes is None:
+        num_classes = ops.cast(ops.shape(x)[-1], x.dtype)
+    return ops.sum(x, axis=-1) / num_classes
 
 
 def _at_most(x, bound):
