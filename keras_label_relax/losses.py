@@ -1,17 +1,30 @@
 """Calibration-aware classification losses.
 
+Every loss comes as a function that returns per-sample losses
+(`label_relaxation(y_true, y_pred, alpha)`), which is what one composes, jits
+and vmaps, and as a `keras.losses.Loss` class around that function
+(`LabelRelaxation(alpha)`), which is what `compile()` and saving see.
+
 All losses take labels as integer class ids (shape `y_pred.shape[:-1]`, or with
 a trailing axis of 1) or as one-hot / probability vectors of `y_pred`'s shape,
 and predictions as probabilities (`from_logits=False`) or logits
-(`from_logits=True`). Inputs in float16 or bfloat16 are computed in float32.
+(`from_logits=True`). Inputs in float16 or bfloat16 are computed in float32,
+float64 inputs in float64.
 
 With `from_logits=False`, probabilities are normalised to sum to one and
 clipped to `[epsilon, 1 - epsilon]` (`keras.config.epsilon()`) before the
 logarithm, as Keras' own cross-entropies do, so the loss stays finite at
 probabilities of exactly 0 and 1.
+
+The functions take their hyper-parameters as Python numbers, which are
+checked as the classes check them, or as scalar tensors, which can be traced
+(`jax.jit`) and batched (`jax.vmap`): one compiled step can then train models
+that each have their own hyper-parameter. Tensors are not checked; a tensor
+outside the documented range gives NaN losses.
 """
 
 import math
+import numbers
 
 import keras
 from keras import ops
@@ -20,21 +33,24 @@ from keras_label_relax import _labels
 from keras_label_relax._api import export
 from keras_label_relax._keras_compat import get_keras_mask
 from keras_label_relax._keras_compat import reduce_weighted_values
+from keras_label_relax._validation import check_at_least
 from keras_label_relax._validation import check_bool
 from keras_label_relax._validation import check_in_unit_interval
 from keras_label_relax._validation import check_non_negative
+from keras_label_relax._validation import check_sample_dependent_gammas
 
 # log(1 - p) is evaluated at log p <= this bound so that its gradient,
 # -p / (1 - p), stays finite where p rounds to exactly 1.
 _MAX_LOG_PROBABILITY = -1e-30
+# Below any logit or log-probability the losses meet, finite in float32.
+_LOWEST = -3.0e38
 
 
 class _ClassificationLoss(keras.losses.Loss):
-    """Base class: label handling, dtype handling and Keras reduction.
+    """Base class of the loss classes: Keras reduction around a loss function.
 
-    Subclasses implement `_sparse_loss(class_ids, y_pred)` for integer labels
-    and `_dense_loss(label_vectors, y_pred)` for vector labels, both on
-    float32 (or float64) predictions, returning per-sample losses.
+    Subclasses implement `call(y_true, y_pred)` by calling their function with
+    their hyper-parameters, and add those to `get_config`.
     """
 
     def __init__(self, from_logits, reduction, name, dtype):
@@ -61,32 +77,167 @@ class _ClassificationLoss(keras.losses.Loss):
                 dtype=self.dtype,
             )
 
-    def call(self, y_true, y_pred):
-        y_pred = ops.convert_to_tensor(y_pred)
-        y_pred = ops.cast(y_pred, _compute_dtype(y_pred))
-        y_true = ops.convert_to_tensor(y_true)
-        if _labels.label_kind(y_true, y_pred) == _labels.SPARSE:
-            return self._sparse_loss(_labels.class_ids(y_true, y_pred), y_pred)
-        return self._dense_loss(ops.cast(y_true, y_pred.dtype), y_pred)
-
-    def _sparse_loss(self, class_ids, y_pred):
-        raise NotImplementedError
-
-    def _dense_loss(self, label_vectors, y_pred):
-        raise NotImplementedError
-
-    def _log_probabilities(self, y_pred):
-        return log_probabilities(y_pred, self.from_logits)
-
-    def _observed_log_probability(self, class_ids, y_pred):
-        return observed_log_probability(class_ids, y_pred, self.from_logits)
-
     def get_config(self):
         config = super().get_config()
         config.update(
             {"from_logits": self.from_logits, "dtype": self._dtype_policy.name}
         )
         return config
+
+
+# The paper's four losses.
+
+
+@export
+def label_relaxation(y_true, y_pred, alpha, from_logits=False):
+    """Per-sample label relaxation loss; see `LabelRelaxation`.
+
+    Args:
+        y_true: Integer class ids, or class vectors whose argmax is the class.
+        y_pred: Probabilities or logits, classes on the last axis.
+        alpha: Relaxation degree in `[0, 1)`, a Python number or a scalar
+            tensor. A tensor is not checked: below 0 or from 1 on, the losses
+            are NaN.
+        from_logits: Whether `y_pred` holds logits rather than probabilities.
+
+    Returns:
+        Losses of shape `y_pred.shape[:-1]`, float32 (float64 for float64
+        `y_pred`).
+
+    Example:
+
+    >>> losses = label_relaxation([0, 1], [[4.0, 0.0, 0.0], [0.0, 1.0, 0.0]],
+    ...                           alpha=0.1, from_logits=True)
+    >>> [round(float(x), 4) for x in losses]
+    [0.0, 0.257]
+    """
+    y_true, y_pred = _prepare(y_true, y_pred)
+    alpha = _hyper_parameter("alpha", alpha, check_in_unit_interval, y_pred.dtype)
+    class_ids = _labels.class_ids(y_true, y_pred)
+    log_p = observed_log_probability(class_ids, y_pred, from_logits)
+    losses = relaxation_from_log_probability(log_p, alpha)
+    return _nan_outside(losses, alpha, low=0.0, high=1.0)
+
+
+@export
+def label_smoothing(y_true, y_pred, alpha, from_logits=False):
+    """Per-sample cross-entropy against smoothed labels; see `LabelSmoothing`.
+
+    Args:
+        y_true: Integer class ids, or one-hot / probability vectors.
+        y_pred: Probabilities or logits, classes on the last axis.
+        alpha: Smoothing factor in `[0, 1)`, a Python number or a scalar
+            tensor. A tensor is not checked: outside `[0, 1)` the losses are
+            NaN.
+        from_logits: Whether `y_pred` holds logits rather than probabilities.
+
+    Returns:
+        Losses of shape `y_pred.shape[:-1]`, float32 (float64 for float64
+        `y_pred`).
+
+    Example:
+
+    >>> losses = label_smoothing([0, 1], [[4.0, 0.0, 0.0], [0.0, 1.0, 0.0]],
+    ...                          alpha=0.1, from_logits=True)
+    >>> [round(float(x), 4) for x in losses]
+    [0.3026, 0.6181]
+    """
+    y_true, y_pred = _prepare(y_true, y_pred)
+    alpha = _hyper_parameter("alpha", alpha, check_in_unit_interval, y_pred.dtype)
+    sparse = _is_sparse(y_true, y_pred)
+    if sparse and from_logits:
+        # -(1 - a) log p_y - a mean_k log p_k = CE + a (z_y - mean_k z_k): the
+        # fused cross-entropy plus one gather and one mean.
+        class_ids = _labels.class_ids(y_true, y_pred)
+        cross_entropy = -observed_log_probability(class_ids, y_pred, True)
+        spread = take_class(y_pred, class_ids) - _mean_over_classes(y_pred)
+        losses = cross_entropy + alpha * spread
+    else:
+        log_p = log_probabilities(y_pred, from_logits)
+        cross_entropy = _cross_entropy(y_true, y_pred, log_p, sparse)
+        losses = (1.0 - alpha) * cross_entropy - alpha * _mean_over_classes(log_p)
+    return _nan_outside(losses, alpha, low=0.0, high=1.0)
+
+
+@export
+def confidence_penalty(y_true, y_pred, beta, from_logits=False):
+    """Per-sample cross-entropy minus `beta` times the prediction's entropy.
+
+    See `ConfidencePenalty`.
+
+    Args:
+        y_true: Integer class ids, or one-hot / probability vectors.
+        y_pred: Probabilities or logits, classes on the last axis.
+        beta: Weight of the entropy penalty, `>= 0`, a Python number or a
+            scalar tensor. A negative tensor gives NaN losses.
+        from_logits: Whether `y_pred` holds logits rather than probabilities.
+
+    Returns:
+        Losses of shape `y_pred.shape[:-1]`, float32 (float64 for float64
+        `y_pred`).
+
+    Example:
+
+    >>> losses = confidence_penalty([0, 1], [[4.0, 0.0, 0.0], [0.0, 1.0, 0.0]],
+    ...                             beta=0.1, from_logits=True)
+    >>> [round(float(x), 4) for x in losses]
+    [0.0182, 0.4539]
+    """
+    y_true, y_pred = _prepare(y_true, y_pred)
+    beta = _hyper_parameter("beta", beta, check_non_negative, y_pred.dtype)
+    sparse = _is_sparse(y_true, y_pred)
+    if _single_exp_softmax_is_faster(from_logits):
+        shifted, log_normaliser, entropy_ = shifted_softmax_terms(y_pred)
+        if sparse:
+            class_ids = _labels.class_ids(y_true, y_pred)
+            cross_entropy = log_normaliser - take_class(shifted, class_ids)
+        else:
+            label_vectors = _label_vectors(y_true, y_pred)
+            label_mass = ops.sum(label_vectors, axis=-1)
+            cross_entropy = label_mass * log_normaliser - ops.sum(
+                label_vectors * shifted, axis=-1
+            )
+    else:
+        log_p = log_probabilities(y_pred, from_logits)
+        entropy_ = entropy(log_p)
+        cross_entropy = _cross_entropy(y_true, y_pred, log_p, sparse)
+    losses = cross_entropy - beta * entropy_
+    return _nan_outside(losses, beta, low=0.0)
+
+
+@export
+def focal_loss(y_true, y_pred, gamma, from_logits=False):
+    """Per-sample focal loss `-(1 - p_y)^gamma log p_y`; see `FocalLoss`.
+
+    Args:
+        y_true: Integer class ids, or one-hot / probability vectors.
+        y_pred: Probabilities or logits, classes on the last axis.
+        gamma: Focusing parameter, `>= 0`, a Python number or a scalar
+            tensor. A negative tensor gives NaN losses.
+        from_logits: Whether `y_pred` holds logits rather than probabilities.
+
+    Returns:
+        Losses of shape `y_pred.shape[:-1]`, float32 (float64 for float64
+        `y_pred`).
+
+    Example:
+
+    >>> losses = focal_loss([0, 1], [[4.0, 0.0, 0.0], [0.0, 1.0, 0.0]],
+    ...                     gamma=2.0, from_logits=True)
+    >>> [round(float(x), 4) for x in losses]
+    [0.0, 0.0991]
+    """
+    y_true, y_pred = _prepare(y_true, y_pred)
+    gamma = _hyper_parameter("gamma", gamma, check_non_negative, y_pred.dtype)
+    if _is_sparse(y_true, y_pred):
+        class_ids = _labels.class_ids(y_true, y_pred)
+        log_p = observed_log_probability(class_ids, y_pred, from_logits)
+        losses = -focal_weight(log_p, gamma) * log_p
+    else:
+        log_p = log_probabilities(y_pred, from_logits)
+        weighted = _label_vectors(y_true, y_pred) * focal_weight(log_p, gamma)
+        losses = -ops.sum(weighted * log_p, axis=-1)
+    return _nan_outside(losses, gamma, low=0.0)
 
 
 @export
@@ -104,6 +255,7 @@ class LabelRelaxation(_ClassificationLoss):
     which depends on `p` only through `p_y` and costs one cross-entropy. Its
     gradient with respect to the logits is `p - q`. With `alpha=0` it is the
     cross-entropy. Vector labels give the observed class as their argmax.
+    `label_relaxation` is the same loss as a function.
 
     Args:
         alpha: Relaxation degree in `[0, 1)`: the total probability mass the
@@ -144,12 +296,8 @@ class LabelRelaxation(_ClassificationLoss):
         super().__init__(from_logits, reduction, name, dtype)
         self.alpha = check_in_unit_interval("alpha", alpha)
 
-    def _sparse_loss(self, class_ids, y_pred):
-        log_p = self._observed_log_probability(class_ids, y_pred)
-        return relaxation_from_log_probability(log_p, self.alpha)
-
-    def _dense_loss(self, label_vectors, y_pred):
-        return self._sparse_loss(_labels.class_ids(label_vectors, y_pred), y_pred)
+    def call(self, y_true, y_pred):
+        return label_relaxation(y_true, y_pred, self.alpha, self.from_logits)
 
     def get_config(self):
         return {**super().get_config(), "alpha": self.alpha}
@@ -162,7 +310,7 @@ class LabelSmoothing(_ClassificationLoss):
     The target is `(1 - alpha) * y + alpha / K` for `K` classes, where `y` is
     the one-hot (or given probability) label. Unlike
     `keras.losses.CategoricalCrossentropy(label_smoothing=...)` it also takes
-    integer labels.
+    integer labels. `label_smoothing` is the same loss as a function.
 
     Args:
         alpha: Smoothing factor in `[0, 1)`.
@@ -197,17 +345,8 @@ class LabelSmoothing(_ClassificationLoss):
         super().__init__(from_logits, reduction, name, dtype)
         self.alpha = check_in_unit_interval("alpha", alpha)
 
-    def _sparse_loss(self, class_ids, y_pred):
-        log_p = self._log_probabilities(y_pred)
-        observed = take_class(log_p, class_ids)
-        return -(1.0 - self.alpha) * observed - self.alpha * ops.mean(log_p, axis=-1)
-
-    def _dense_loss(self, label_vectors, y_pred):
-        log_p = self._log_probabilities(y_pred)
-        cross_entropy = -ops.sum(label_vectors * log_p, axis=-1)
-        return (1.0 - self.alpha) * cross_entropy - self.alpha * ops.mean(
-            log_p, axis=-1
-        )
+    def call(self, y_true, y_pred):
+        return label_smoothing(y_true, y_pred, self.alpha, self.from_logits)
 
     def get_config(self):
         return {**super().get_config(), "alpha": self.alpha}
@@ -220,7 +359,7 @@ class ConfidencePenalty(_ClassificationLoss):
     Penalises confident (low-entropy) predictions as Pereyra et al. (2017)
     propose: `loss = CE(y, p) - beta * H(p)`. The paper on label relaxation and
     its code add `+ beta * H(p)` instead, which rewards confidence; this class
-    follows Pereyra et al.
+    follows Pereyra et al. `confidence_penalty` is the same loss as a function.
 
     Args:
         beta: Weight of the entropy penalty, `>= 0`.
@@ -255,25 +394,8 @@ class ConfidencePenalty(_ClassificationLoss):
         super().__init__(from_logits, reduction, name, dtype)
         self.beta = check_non_negative("beta", beta)
 
-    def _sparse_loss(self, class_ids, y_pred):
-        if _single_exp_softmax_is_faster(self.from_logits):
-            shifted, log_normaliser, entropy_ = shifted_softmax_terms(y_pred)
-            cross_entropy = log_normaliser - take_class(shifted, class_ids)
-            return cross_entropy - self.beta * entropy_
-        log_p = self._log_probabilities(y_pred)
-        return -take_class(log_p, class_ids) - self.beta * entropy(log_p)
-
-    def _dense_loss(self, label_vectors, y_pred):
-        if _single_exp_softmax_is_faster(self.from_logits):
-            shifted, log_normaliser, entropy_ = shifted_softmax_terms(y_pred)
-            label_mass = ops.sum(label_vectors, axis=-1)
-            cross_entropy = label_mass * log_normaliser - ops.sum(
-                label_vectors * shifted, axis=-1
-            )
-            return cross_entropy - self.beta * entropy_
-        log_p = self._log_probabilities(y_pred)
-        cross_entropy = -ops.sum(label_vectors * log_p, axis=-1)
-        return cross_entropy - self.beta * entropy(log_p)
+    def call(self, y_true, y_pred):
+        return confidence_penalty(y_true, y_pred, self.beta, self.from_logits)
 
     def get_config(self):
         return {**super().get_config(), "beta": self.beta}
@@ -285,9 +407,11 @@ class FocalLoss(_ClassificationLoss):
 
     Down-weights well-classified examples. There is no class-balancing
     `alpha` factor (unlike `keras.losses.CategoricalFocalCrossentropy`, whose
-    default `alpha=0.25` scales the whole loss). The focal weight is computed
-    in log space, so the loss and its gradient stay finite for `gamma < 1` at
-    `p_y = 1`. Probability labels give `-sum_k y_k (1 - p_k)^gamma log(p_k)`.
+    default `alpha=0.25` scales the whole loss). `1 - p_y` is computed from
+    `log p_y` and kept above 0, so the loss and its gradient stay finite for
+    `gamma < 1` at `p_y = 1`. Probability labels give
+    `-sum_k y_k (1 - p_k)^gamma log(p_k)`. `focal_loss` is the same loss as a
+    function.
 
     Args:
         gamma: Focusing parameter, `>= 0`; `gamma=0` is the cross-entropy.
@@ -322,21 +446,446 @@ class FocalLoss(_ClassificationLoss):
         super().__init__(from_logits, reduction, name, dtype)
         self.gamma = check_non_negative("gamma", gamma)
 
-    def _sparse_loss(self, class_ids, y_pred):
-        log_p = self._observed_log_probability(class_ids, y_pred)
-        return -self._focal_weight(log_p) * log_p
-
-    def _dense_loss(self, label_vectors, y_pred):
-        log_p = self._log_probabilities(y_pred)
-        return -ops.sum(label_vectors * self._focal_weight(log_p) * log_p, axis=-1)
-
-    def _focal_weight(self, log_p):
-        if self.gamma == 0.0:
-            return ops.ones_like(log_p)
-        return ops.exp(self.gamma * log1m_exp(log_p))
+    def call(self, y_true, y_pred):
+        return focal_loss(y_true, y_pred, self.gamma, self.from_logits)
 
     def get_config(self):
         return {**super().get_config(), "gamma": self.gamma}
+
+
+# Train-time calibration losses that came after label relaxation.
+
+
+@export
+def sample_dependent_focal_loss(
+    y_true, y_pred, thresholds=(0.2,), gammas=(5.0, 3.0), from_logits=False
+):
+    """Per-sample focal loss with a gamma picked from `p_y`.
+
+    See `SampleDependentFocalLoss`.
+
+    Args:
+        y_true: Integer class ids, or one-hot / probability vectors.
+        y_pred: Probabilities or logits, classes on the last axis.
+        thresholds: Strictly increasing probabilities inside (0, 1), a
+            sequence of Python numbers or a 1-D tensor (not checked).
+        gammas: One focusing parameter more than `thresholds`, each `>= 0`:
+            `gammas[i]` applies from `thresholds[i - 1]` (inclusive) up to
+            `thresholds[i]`.
+        from_logits: Whether `y_pred` holds logits rather than probabilities.
+
+    Returns:
+        Losses of shape `y_pred.shape[:-1]`, float32 (float64 for float64
+        `y_pred`).
+
+    Example:
+
+    >>> losses = sample_dependent_focal_loss(
+    ...     [0, 1], [[0.1, 0.6, 0.3], [0.1, 0.6, 0.3]])
+    >>> [round(float(x), 4) for x in losses]
+    [1.3597, 0.0327]
+    """
+    y_true, y_pred = _prepare(y_true, y_pred)
+    if not (_is_tensor(thresholds) or _is_tensor(gammas)):
+        thresholds, gammas = check_sample_dependent_gammas(thresholds, gammas)
+    if _is_sparse(y_true, y_pred):
+        class_ids = _labels.class_ids(y_true, y_pred)
+        log_p = observed_log_probability(class_ids, y_pred, from_logits)
+        gamma = _piecewise_gamma(log_p, thresholds, gammas)
+        return -focal_weight(log_p, gamma) * log_p
+    log_p = log_probabilities(y_pred, from_logits)
+    gamma = _piecewise_gamma(log_p, thresholds, gammas)
+    weighted = _label_vectors(y_true, y_pred) * focal_weight(log_p, gamma)
+    return -ops.sum(weighted * log_p, axis=-1)
+
+
+@export
+def dual_focal_loss(y_true, y_pred, gamma, from_logits=False):
+    """Per-sample dual focal loss `-(1 - p_y + p_j)^gamma log p_y`.
+
+    See `DualFocalLoss`.
+
+    Args:
+        y_true: Integer class ids, or class vectors whose argmax is the class.
+        y_pred: Probabilities or logits, classes on the last axis.
+        gamma: Focusing parameter, `>= 0`, a Python number or a scalar
+            tensor. A negative tensor gives NaN losses.
+        from_logits: Whether `y_pred` holds logits rather than probabilities.
+
+    Returns:
+        Losses of shape `y_pred.shape[:-1]`, float32 (float64 for float64
+        `y_pred`).
+
+    Example:
+
+    >>> losses = dual_focal_loss([0, 1], [[0.1, 0.6, 0.3], [0.1, 0.6, 0.3]],
+    ...                          gamma=2.0)
+    >>> [round(float(x), 4) for x in losses]
+    [1.8651, 0.2503]
+    """
+    y_true, y_pred = _prepare(y_true, y_pred)
+    gamma = _hyper_parameter("gamma", gamma, check_non_negative, y_pred.dtype)
+    class_ids = _labels.class_ids(y_true, y_pred)
+    # Ranks come from `y_pred` itself (logits, or probabilities: the same
+    # order), so the label's own entry is never "below" itself by rounding.
+    observed = ops.expand_dims(take_class(y_pred, class_ids), -1)
+    below = y_pred < observed
+    # Entries not below the label's get a finite value that never wins the
+    # max (an infinity turns into NaN gradients under torch.compile); rows
+    # with nothing below get p_j = 0.
+    if from_logits:
+        log_p = observed_log_probability(class_ids, y_pred, True)
+        z_j = ops.max(ops.where(below, y_pred, _LOWEST), axis=-1, keepdims=True)
+        # log p_j = z_j - logsumexp(z) = z_j - z_y + log p_y.
+        log_p_j = ops.squeeze(z_j - observed, -1) + log_p
+        any_below = ops.squeeze(z_j > _LOWEST, -1)
+    else:
+        all_log_p = log_probabilities(y_pred, False)
+        log_p = take_class(all_log_p, class_ids)
+        log_p_j = ops.max(ops.where(below, all_log_p, _LOWEST), axis=-1)
+        any_below = log_p_j > _LOWEST
+    p_j = ops.where(any_below, ops.exp(log_p_j), ops.zeros_like(log_p_j))
+    base = one_minus_probability(log_p) + p_j
+    losses = -ops.power(base, gamma) * log_p
+    return _nan_outside(losses, gamma, low=0.0)
+
+
+@export
+def margin_label_smoothing(y_true, y_pred, margin, weight, from_logits=True):
+    """Per-sample margin-based label smoothing (MbLS) on logits.
+
+    See `MarginLabelSmoothing`.
+
+    Args:
+        y_true: Integer class ids, or one-hot / probability vectors.
+        y_pred: Logits, classes on the last axis.
+        margin: Logit distance to the largest logit above which a class is
+            penalised, `>= 0`, a Python number or a scalar tensor.
+        weight: Weight of the margin penalty, `>= 0`, a Python number or a
+            scalar tensor. A negative tensor `margin` or `weight` gives NaN
+            losses.
+        from_logits: Must be `True`: the penalty is defined on logits.
+
+    Returns:
+        Losses of shape `y_pred.shape[:-1]`, float32 (float64 for float64
+        `y_pred`).
+
+    Example:
+
+    >>> losses = margin_label_smoothing([0, 1], [[12.0, 0.0, 0.0], [0.0, 1.0, 0.0]],
+    ...                                 margin=10.0, weight=0.1)
+    >>> [round(float(x), 4) for x in losses]
+    [0.1333, 0.5514]
+    """
+    _check_margin_from_logits(from_logits)
+    y_true, y_pred = _prepare(y_true, y_pred)
+    margin = _hyper_parameter("margin", margin, check_non_negative, y_pred.dtype)
+    weight = _hyper_parameter("weight", weight, check_non_negative, y_pred.dtype)
+    if _is_sparse(y_true, y_pred):
+        class_ids = _labels.class_ids(y_true, y_pred)
+        cross_entropy = -observed_log_probability(class_ids, y_pred, True)
+    else:
+        log_p = log_probabilities(y_pred, True)
+        cross_entropy = _cross_entropy(y_true, y_pred, log_p, sparse=False)
+    ceiling = ops.max(y_pred, axis=-1, keepdims=True) - margin
+    penalty = _mean_over_classes(ops.relu(ceiling - y_pred))
+    losses = cross_entropy + weight * penalty
+    losses = _nan_outside(losses, margin, low=0.0)
+    return _nan_outside(losses, weight, low=0.0)
+
+
+@export
+def poly_loss(y_true, y_pred, epsilon, from_logits=False):
+    """Per-sample Poly-1 loss `CE + epsilon * (1 - p_y)`; see `PolyLoss`.
+
+    Args:
+        y_true: Integer class ids, or one-hot / probability vectors.
+        y_pred: Probabilities or logits, classes on the last axis.
+        epsilon: Coefficient of the first polynomial term, `>= -1`, a Python
+            number or a scalar tensor. A tensor below -1 gives NaN losses.
+        from_logits: Whether `y_pred` holds logits rather than probabilities.
+
+    Returns:
+        Losses of shape `y_pred.shape[:-1]`, float32 (float64 for float64
+        `y_pred`).
+
+    Example:
+
+    >>> losses = poly_loss([0, 1], [[0.1, 0.6, 0.3], [0.1, 0.6, 0.3]],
+    ...                    epsilon=1.0)
+    >>> [round(float(x), 4) for x in losses]
+    [3.2026, 0.9108]
+    """
+    y_true, y_pred = _prepare(y_true, y_pred)
+    epsilon = _hyper_parameter("epsilon", epsilon, _check_epsilon, y_pred.dtype)
+    if _is_sparse(y_true, y_pred):
+        class_ids = _labels.class_ids(y_true, y_pred)
+        log_p = observed_log_probability(class_ids, y_pred, from_logits)
+        losses = -log_p - epsilon * ops.expm1(log_p)
+    else:
+        label_vectors = _label_vectors(y_true, y_pred)
+        log_p = log_probabilities(y_pred, from_logits)
+        cross_entropy = -ops.sum(label_vectors * log_p, axis=-1)
+        p_true = ops.sum(label_vectors * ops.exp(log_p), axis=-1)
+        losses = cross_entropy + epsilon * (1.0 - p_true)
+    return _nan_outside(losses, epsilon, low=-1.0)
+
+
+@export
+class SampleDependentFocalLoss(_ClassificationLoss):
+    """Focal loss with a per-sample gamma (FLSD, Mukhoti et al., 2020).
+
+    `-(1 - p_y)^gamma(p_y) log p_y`, where `gamma(p_y)` is piecewise constant:
+    `gammas[0]` below `thresholds[0]`, `gammas[i]` from `thresholds[i - 1]`
+    (inclusive) up to `thresholds[i]`, `gammas[-1]` from `thresholds[-1]` on.
+    The default is FLSD-53: gamma 5 where `p_y < 0.2`, else 3. The choice of
+    gamma carries no gradient. Probability labels give
+    `-sum_k y_k (1 - p_k)^gamma(p_k) log(p_k)`.
+    `sample_dependent_focal_loss` is the same loss as a function.
+
+    Args:
+        thresholds: Strictly increasing probabilities inside (0, 1).
+        gammas: One focusing parameter (each `>= 0`) more than `thresholds`.
+        from_logits: Whether `y_pred` holds logits rather than probabilities.
+        reduction: Type of reduction to apply to the loss: `"sum"`,
+            `"sum_over_batch_size"`, `"mean"`, `"mean_with_sample_weight"`, or
+            `None` / `"none"` for per-sample losses.
+        name: Name of the loss instance.
+        dtype: The dtype of the loss's result. Defaults to
+            `keras.backend.floatx()`. float16 and bfloat16 inputs are computed
+            in float32.
+
+    Example:
+
+    >>> loss = SampleDependentFocalLoss(from_logits=True)
+    >>> float(loss([0, 1], [[4.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
+    0.0210...
+
+    Reference:
+        - [Mukhoti et al., 2020. Calibrating Deep Neural Networks using Focal
+          Loss. NeurIPS](https://arxiv.org/abs/2002.09437)
+    """
+
+    def __init__(
+        self,
+        thresholds=(0.2,),
+        gammas=(5.0, 3.0),
+        from_logits=False,
+        reduction="sum_over_batch_size",
+        name="sample_dependent_focal_loss",
+        dtype=None,
+    ):
+        super().__init__(from_logits, reduction, name, dtype)
+        self.thresholds, self.gammas = check_sample_dependent_gammas(thresholds, gammas)
+
+    def call(self, y_true, y_pred):
+        return sample_dependent_focal_loss(
+            y_true, y_pred, self.thresholds, self.gammas, self.from_logits
+        )
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "thresholds": list(self.thresholds),
+            "gammas": list(self.gammas),
+        }
+
+
+@export
+class DualFocalLoss(_ClassificationLoss):
+    """Dual focal loss (Tao et al., 2023): `-(1 - p_y + p_j)^gamma log p_y`.
+
+    `p_j` is the probability ranked right after the label's: the largest
+    probability strictly below `p_y`, or 0 when there is none (the label ties
+    with or trails every other class). As in the authors' code, `p_j` carries
+    gradient. Ranks are compared on `y_pred` as given, so rounding in the
+    softmax cannot make the label's own entry rank below itself. Vector labels
+    give the observed class as their argmax. `dual_focal_loss` is the same
+    loss as a function.
+
+    The authors' code defaults to `gamma=0` (the cross-entropy) and their
+    tuned values range from 2.3 to 6.1 by data set and model; the default
+    here, 4, lies in the middle of that range.
+
+    Args:
+        gamma: Focusing parameter, `>= 0`.
+        from_logits: Whether `y_pred` holds logits rather than probabilities.
+        reduction: Type of reduction to apply to the loss: `"sum"`,
+            `"sum_over_batch_size"`, `"mean"`, `"mean_with_sample_weight"`, or
+            `None` / `"none"` for per-sample losses.
+        name: Name of the loss instance.
+        dtype: The dtype of the loss's result. Defaults to
+            `keras.backend.floatx()`. float16 and bfloat16 inputs are computed
+            in float32.
+
+    Example:
+
+    >>> loss = DualFocalLoss(gamma=4.0, from_logits=True)
+    >>> float(loss([0, 1], [[4.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
+    0.0450...
+
+    Reference:
+        - [Tao et al., 2023. Dual Focal Loss for Calibration.
+          ICML](https://arxiv.org/abs/2305.13665)
+    """
+
+    def __init__(
+        self,
+        gamma=4.0,
+        from_logits=False,
+        reduction="sum_over_batch_size",
+        name="dual_focal_loss",
+        dtype=None,
+    ):
+        super().__init__(from_logits, reduction, name, dtype)
+        self.gamma = check_non_negative("gamma", gamma)
+
+    def call(self, y_true, y_pred):
+        return dual_focal_loss(y_true, y_pred, self.gamma, self.from_logits)
+
+    def get_config(self):
+        return {**super().get_config(), "gamma": self.gamma}
+
+
+@export
+class MarginLabelSmoothing(_ClassificationLoss):
+    """Margin-based label smoothing, MbLS (Liu et al., 2022).
+
+    `CE + weight * mean_k max(0, max_j z_j - z_k - margin)` on the logits `z`:
+    the cross-entropy plus a penalty on logits more than `margin` below the
+    largest one, averaged over the classes as in the authors' code. The
+    penalty is defined on logits, so `from_logits` defaults to `True` and
+    `False` is an error. Probability labels give the soft cross-entropy.
+    `margin_label_smoothing` is the same loss as a function.
+
+    Args:
+        margin: Logit distance to the largest logit above which a class is
+            penalised, `>= 0`.
+        weight: Weight of the margin penalty, `>= 0`.
+        from_logits: Must be `True`.
+        reduction: Type of reduction to apply to the loss: `"sum"`,
+            `"sum_over_batch_size"`, `"mean"`, `"mean_with_sample_weight"`, or
+            `None` / `"none"` for per-sample losses.
+        name: Name of the loss instance.
+        dtype: The dtype of the loss's result. Defaults to
+            `keras.backend.floatx()`. float16 and bfloat16 inputs are computed
+            in float32.
+
+    Example:
+
+    >>> loss = MarginLabelSmoothing(margin=10.0, weight=0.1)
+    >>> float(loss([0, 1], [[12.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
+    0.3423...
+
+    Reference:
+        - [Liu et al., 2022. The Devil is in the Margin: Margin-based Label
+          Smoothing for Network Calibration. CVPR](https://arxiv.org/abs/2111.15430)
+    """
+
+    def __init__(
+        self,
+        margin=10.0,
+        weight=0.1,
+        from_logits=True,
+        reduction="sum_over_batch_size",
+        name="margin_label_smoothing",
+        dtype=None,
+    ):
+        super().__init__(from_logits, reduction, name, dtype)
+        _check_margin_from_logits(self.from_logits)
+        self.margin = check_non_negative("margin", margin)
+        self.weight = check_non_negative("weight", weight)
+
+    def call(self, y_true, y_pred):
+        return margin_label_smoothing(y_true, y_pred, self.margin, self.weight)
+
+    def get_config(self):
+        return {**super().get_config(), "margin": self.margin, "weight": self.weight}
+
+
+@export
+class PolyLoss(_ClassificationLoss):
+    """Poly-1 loss (Leng et al., 2022): `CE + epsilon * (1 - p_y)`.
+
+    The cross-entropy with the coefficient of its first polynomial term,
+    `(1 - p_y)`, raised by `epsilon`. `epsilon >= -1` keeps the loss
+    decreasing in `p_y`. Probability labels give
+    `CE(y, p) + epsilon * (1 - sum_k y_k p_k)`, as in the authors' code.
+    `poly_loss` is the same loss as a function.
+
+    Args:
+        epsilon: Coefficient added to the first polynomial term, `>= -1`.
+        from_logits: Whether `y_pred` holds logits rather than probabilities.
+        reduction: Type of reduction to apply to the loss: `"sum"`,
+            `"sum_over_batch_size"`, `"mean"`, `"mean_with_sample_weight"`, or
+            `None` / `"none"` for per-sample losses.
+        name: Name of the loss instance.
+        dtype: The dtype of the loss's result. Defaults to
+            `keras.backend.floatx()`. float16 and bfloat16 inputs are computed
+            in float32.
+
+    Example:
+
+    >>> loss = PolyLoss(epsilon=1.0, from_logits=True)
+    >>> float(loss([0, 1], [[4.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
+    0.5233...
+
+    Reference:
+        - [Leng et al., 2022. PolyLoss: A Polynomial Expansion Perspective of
+          Classification Loss Functions. ICLR](https://arxiv.org/abs/2204.12511)
+    """
+
+    def __init__(
+        self,
+        epsilon=1.0,
+        from_logits=False,
+        reduction="sum_over_batch_size",
+        name="poly_loss",
+        dtype=None,
+    ):
+        super().__init__(from_logits, reduction, name, dtype)
+        self.epsilon = _check_epsilon("epsilon", epsilon)
+
+    def call(self, y_true, y_pred):
+        return poly_loss(y_true, y_pred, self.epsilon, self.from_logits)
+
+    def get_config(self):
+        return {**super().get_config(), "epsilon": self.epsilon}
+
+
+def _piecewise_gamma(log_p, thresholds, gammas):
+    """`gammas[i]` where `thresholds[i - 1] <= p < thresholds[i]`, no gradient."""
+    log_p = ops.stop_gradient(log_p)
+    gamma = ops.zeros_like(log_p) + _as_float(gammas[0], log_p.dtype)
+    for index in range(len(gammas) - 1):
+        threshold = thresholds[index]
+        if _is_tensor(threshold):
+            log_threshold = ops.log(ops.cast(threshold, log_p.dtype))
+        else:
+            log_threshold = math.log(threshold)
+        next_gamma = _as_float(gammas[index + 1], log_p.dtype)
+        gamma = ops.where(log_p >= log_threshold, next_gamma, gamma)
+    return gamma
+
+
+def _as_float(value, dtype):
+    return ops.cast(value, dtype) if _is_tensor(value) else value
+
+
+def _check_margin_from_logits(from_logits):
+    if from_logits is not True:
+        raise ValueError(
+            "`MarginLabelSmoothing` penalises logit distances, which "
+            "probabilities do not determine: it needs `from_logits=True`. "
+            f"Received: from_logits={from_logits!r}"
+        )
+
+
+def _check_epsilon(name, value):
+    return check_at_least(name, value, -1.0, " (the loss must not increase with p_y)")
+
+
+# Building blocks.
 
 
 def log_probabilities(y_pred, from_logits):
@@ -389,35 +938,107 @@ def entropy(log_p):
     return -ops.sum(ops.exp(log_p) * log_p, axis=-1)
 
 
-def log1m_exp(log_p):
-    """`log(1 - exp(log_p))`, accurate for all `log_p <= 0`.
+def one_minus_probability(log_p):
+    """`1 - exp(log_p)`, accurate near `log_p = 0` and never below ~1e-30.
 
     The argument is capped just below 0, so that `log_p == 0` (p rounds to 1)
-    gives a large negative value with a finite gradient instead of -inf.
+    gives a tiny positive value with a finite gradient instead of 0.
     """
-    log_p = ops.minimum(log_p, _MAX_LOG_PROBABILITY)
-    # Mächler (2012): log1p(-exp(x)) is accurate for x < -log 2,
-    # log(-expm1(x)) above it.
-    near_zero = log_p > -0.6931471805599453
-    safe_small = ops.where(near_zero, -1.0, log_p)
-    safe_near_zero = ops.where(near_zero, log_p, -1.0)
-    return ops.where(
-        near_zero,
-        ops.log(-ops.expm1(safe_near_zero)),
-        ops.log1p(-ops.exp(safe_small)),
-    )
+    return -ops.expm1(_at_most(log_p, _MAX_LOG_PROBABILITY))
+
+
+def log1m_exp(log_p):
+    """`log(1 - exp(log_p))` for `log_p <= 0`, finite at `log_p = 0`.
+
+    Accurate to the rounding of `1 - p`: near `p = 1` through `expm1`, and for
+    small `p`, where the result is about `-p`, to an absolute error of one
+    rounding of 1, which is all any loss here adds it to.
+    """
+    return ops.log(one_minus_probability(log_p))
+
+
+def focal_weight(log_p, gamma):
+    """`(1 - p)^gamma` from `log p`; finite, with a finite gradient, at `p = 1`."""
+    if not _is_tensor(gamma) and gamma == 0.0:
+        return ops.ones_like(log_p)
+    return ops.power(one_minus_probability(log_p), gamma)
 
 
 def relaxation_from_log_probability(log_p, alpha):
     """The two-point label relaxation loss as a function of `log p_y`."""
-    if alpha == 0.0:
+    if _is_tensor(alpha):
+        log_inside = ops.log1p(-alpha)
+        # alpha * log(alpha), 0 at alpha = 0 in value and gradient.
+        positive = ops.where(alpha > 0.0, alpha, ops.ones_like(alpha))
+        alpha_log_alpha = alpha * ops.log(positive)
+    elif alpha == 0.0:
         return -log_p
-    log_inside, log_alpha = math.log(1.0 - alpha), math.log(alpha)
-    kl = (1.0 - alpha) * (log_inside - log_p) + alpha * (log_alpha - log1m_exp(log_p))
-    inside = log_p >= log_inside
+    else:
+        log_inside, alpha_log_alpha = math.log1p(-alpha), alpha * math.log(alpha)
+    constant = (1.0 - alpha) * log_inside + alpha_log_alpha
+    kl = constant - (1.0 - alpha) * log_p - alpha * log1m_exp(log_p)
     # `kl` and its gradient are finite everywhere (see `log1m_exp`), so the
     # masked branch cannot leak a NaN into the gradient.
-    return ops.where(inside, ops.zeros_like(kl), kl)
+    return ops.where(log_p >= log_inside, ops.zeros_like(kl), kl)
+
+
+def _cross_entropy(y_true, y_pred, log_p, sparse):
+    if sparse:
+        return -take_class(log_p, _labels.class_ids(y_true, y_pred))
+    return -ops.sum(_label_vectors(y_true, y_pred) * log_p, axis=-1)
+
+
+def _prepare(y_true, y_pred):
+    """Tensors, with `y_pred` in its compute dtype (float32 or float64)."""
+    y_pred = ops.convert_to_tensor(y_pred)
+    if not hasattr(y_pred, "ndim"):
+        # A `tf.Variable`, which Keras' TensorFlow `take_along_axis` rejects.
+        y_pred = y_pred.read_value()
+    y_pred = ops.cast(y_pred, _compute_dtype(y_pred))
+    return ops.convert_to_tensor(y_true), y_pred
+
+
+def _is_sparse(y_true, y_pred):
+    return _labels.label_kind(y_true, y_pred) == _labels.SPARSE
+
+
+def _label_vectors(y_true, y_pred):
+    return ops.cast(y_true, y_pred.dtype)
+
+
+def _is_tensor(value):
+    return hasattr(value, "dtype") and not isinstance(value, numbers.Number)
+
+
+def _hyper_parameter(name, value, check, dtype):
+    """A checked Python float, or a tensor cast to `dtype`."""
+    if _is_tensor(value):
+        return ops.cast(value, dtype)
+    return check(name, value)
+
+
+def _nan_outside(losses, value, low, high=None):
+    """NaN losses where a tensor hyper-parameter is outside `[low, high)`."""
+    if not _is_tensor(value):
+        return losses
+    valid = value >= low
+    if high is not None:
+        valid = ops.logical_and(valid, value < high)
+    return ops.where(valid, losses, ops.full_like(losses, float("nan")))
+
+
+def _mean_over_classes(x):
+    # Keras' `ops.mean` on JAX reduces float64 in float32.
+    num_classes = x.shape[-1]
+    if num_classes is None:
+        num_classes = ops.cast(ops.shape(x)[-1], x.dtype)
+    return ops.sum(x, axis=-1) / num_classes
+
+
+def _at_most(x, bound):
+    # `ops.minimum(x, python_float)` computes in float32 on PyTorch even for
+    # float64 `x`; a tensor bound of x's dtype keeps float64 throughout.
+    return ops.minimum(x, ops.convert_to_tensor(bound, dtype=x.dtype))
 
 
 def _compute_dtype(x):

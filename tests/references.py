@@ -96,3 +96,49 @@ def numeric_gradient(fn, x, step=1e-6):
         shift[index] = step
         gradient[index] = (fn(x + shift) - fn(x - shift)) / (2 * step)
     return gradient
+
+
+def observed_probability(targets, probabilities):
+    observed = np.argmax(targets, axis=-1)
+    return observed, np.take_along_axis(probabilities, observed[..., None], -1)[..., 0]
+
+
+def sample_dependent_focal_loss(y_true, y_pred, thresholds, gammas, from_logits):
+    """Mukhoti et al.: gamma per class entry from its probability's bin."""
+    log_p = log_probabilities(y_pred, from_logits)
+    probabilities = np.exp(log_p)
+    targets = label_vectors(y_true, log_p.shape[-1])
+    bins = np.searchsorted(np.asarray(thresholds), probabilities, side="right")
+    weights = (1.0 - probabilities) ** np.asarray(gammas)[bins]
+    return -np.sum(targets * weights * log_p, axis=-1)
+
+
+def dual_focal_loss(y_true, y_pred, gamma, from_logits):
+    """Tao et al.: p_j is the largest probability strictly below p_y, else 0."""
+    log_p = log_probabilities(y_pred, from_logits)
+    probabilities = np.exp(log_p)
+    targets = label_vectors(y_true, log_p.shape[-1])
+    observed, p_observed = observed_probability(targets, probabilities)
+    below = probabilities < p_observed[..., None]
+    p_next = np.max(np.where(below, probabilities, 0.0), axis=-1)
+    log_p_observed = np.take_along_axis(log_p, observed[..., None], -1)[..., 0]
+    return -((1.0 - p_observed + p_next) ** gamma) * log_p_observed
+
+
+def margin_label_smoothing(y_true, y_pred, margin, weight, from_logits=True):
+    """Liu et al.: CE + weight * mean over classes of the hinge on logit gaps."""
+    assert from_logits
+    logits = np.asarray(y_pred, dtype=np.float64)
+    log_p = special.log_softmax(logits, axis=-1)
+    targets = label_vectors(y_true, log_p.shape[-1])
+    gaps = logits.max(axis=-1, keepdims=True) - logits
+    penalty = np.mean(np.maximum(0.0, gaps - margin), axis=-1)
+    return cross_entropy(targets, log_p) + weight * penalty
+
+
+def poly_loss(y_true, y_pred, epsilon, from_logits):
+    """Leng et al., Poly-1: CE + epsilon * (1 - p_t), p_t = sum_k y_k p_k."""
+    log_p = log_probabilities(y_pred, from_logits)
+    targets = label_vectors(y_true, log_p.shape[-1])
+    p_target = np.sum(targets * np.exp(log_p), axis=-1)
+    return cross_entropy(targets, log_p) + epsilon * (1.0 - p_target)
