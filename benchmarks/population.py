@@ -48,6 +48,8 @@ class PopulationTrainer:
         self.config = config
         self.population_size = population_size
         self.verbose = verbose
+        self._shapes = {}
+        self._default_sizes = {}
 
     def groups(self, trainings):
         groups = []
@@ -57,15 +59,19 @@ class PopulationTrainer:
         return groups
 
     def _default_size(self, training):
-        return default_population_size(
-            self.config, training.n_train, self._example_shape, self._num_classes
-        )
+        if training.dataset not in self._default_sizes:
+            example_shape, num_classes = self._shapes[training.dataset]
+            self._default_sizes[training.dataset] = default_population_size(
+                self.config, example_shape, num_classes
+            )
+        return self._default_sizes[training.dataset]
 
     def prepare(self, splits):
-        """Remembers the datasets' shapes (for the default size)."""
-        split = next(iter(splits.values()))
-        self._example_shape = split.dataset.x.shape[1:]
-        self._num_classes = split.dataset.num_classes
+        """Remembers each dataset's example shape and classes (for the
+        default population size)."""
+        for split in splits.values():
+            dataset = split.dataset
+            self._shapes[dataset.name] = (dataset.x.shape[1:], dataset.num_classes)
 
     def train(self, group, splits):
         """Trains `group` as one population; returns, per member in order,
@@ -78,7 +84,7 @@ class PopulationTrainer:
         return [(member_logits, seconds) for member_logits in logits]
 
 
-def default_population_size(config, num_train, example_shape, num_classes):
+def default_population_size(config, example_shape, num_classes):
     """The most members that fit in half the free memory of the device."""
     model = training_lib.initial_model(config, example_shape, num_classes, 0)
     per_member = _bytes_per_member(model, config.batch_size)

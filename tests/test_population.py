@@ -65,8 +65,10 @@ def test_members_end_where_their_sequential_runs_end(full_batches):
         for t in plan.baselines(config, sizes)
         if t.kind == plan.FINAL
     ]
-    members = [dataclasses.replace(t, train_part="fit") for t in members]
-    members = [dataclasses.replace(t, n_train=t.n_train) for t in members]
+    fit_size = sizes["digits"]["fit"]
+    members = [
+        dataclasses.replace(t, train_part="fit", n_train=fit_size) for t in members
+    ]
     trainer = population.PopulationTrainer(config)
     trainer.prepare(splits)
     assert len(trainer.groups(members)) == 1
