@@ -27,6 +27,16 @@ class ResultStore:
         self.arrays_dir = os.path.join(self.root, "predictions")
         os.makedirs(self.records_dir, exist_ok=True)
         os.makedirs(self.arrays_dir, exist_ok=True)
+        self._restore_records()
+
+    def _restore_records(self):
+        """An archived run (`docs/runs/`) keeps `results.jsonl` but not
+        `records/`: rebuild them from it, so that `--resume` continues it."""
+        results = self.path(RESULTS_FILE)
+        if os.listdir(self.records_dir) or not os.path.exists(results):
+            return
+        for record in read_results(results)[0]:
+            write_atomic(self._record_path(record["key"]), json.dumps(record, indent=1))
 
     def path(self, *parts):
         return os.path.join(self.root, *parts)

@@ -513,3 +513,17 @@ def test_distributed_chief_and_two_workers_run_each_trial_once(tmp_path):
         if record["kind"] == "trial"
     }
     assert trial_ids == {"worker0", "worker1"}  # both took part
+
+
+def test_an_archived_run_resumes_from_its_results_file(tmp_path):
+    first = store_module.ResultStore(tmp_path / "run")
+    first.put("trial-digits-seed0-lr=0.1", {"kind": "trial", "accuracy": 0.5})
+    first.put("trial-digits-seed0-lr=0.2", {"kind": "trial", "accuracy": 0.6})
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    (archive / "results.jsonl").write_bytes(
+        (tmp_path / "run/results.jsonl").read_bytes()
+    )
+    store = store_module.ResultStore(archive)
+    assert store.get("trial-digits-seed0-lr=0.2")["accuracy"] == 0.6
+    assert len(store.records()) == 2
