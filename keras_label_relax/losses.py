@@ -894,7 +894,7 @@ def log_probabilities(y_pred, from_logits):
         return ops.log_softmax(y_pred, axis=-1)
     probabilities = y_pred / ops.sum(y_pred, axis=-1, keepdims=True)
     epsilon = keras.config.epsilon()
-    return ops.log(ops.clip(probabilities, epsilon, 1.0 - epsilon))
+    return ops.log(_clip(probabilities, epsilon, 1.0 - epsilon))
 
 
 def observed_log_probability(class_ids, y_pred, from_logits):
@@ -1036,9 +1036,14 @@ def _mean_over_classes(x):
 
 
 def _at_most(x, bound):
-    # `ops.minimum(x, python_float)` computes in float32 on PyTorch even for
-    # float64 `x`; a tensor bound of x's dtype keeps float64 throughout.
-    return ops.minimum(x, ops.convert_to_tensor(bound, dtype=x.dtype))
+    return _clip(x, _LOWEST, bound)
+
+
+def _clip(x, low, high):
+    # Bounds in x's dtype: on PyTorch, Keras makes Python bounds float32 tensors
+    # (1 - 1e-7 becomes 0.99999988), and `ops.minimum` computes in float32.
+    low = ops.convert_to_tensor(low, dtype=x.dtype)
+    return ops.clip(x, low, ops.convert_to_tensor(high, dtype=x.dtype))
 
 
 def _compute_dtype(x):
