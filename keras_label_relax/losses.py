@@ -145,6 +145,8 @@ def label_smoothing(y_true, y_pred, alpha, from_logits=False):
     y_true, y_pred = _prepare(y_true, y_pred)
     alpha = _hyper_parameter("alpha", alpha, check_in_unit_interval, y_pred.dtype)
     sparse = _is_sparse(y_true, y_pred)
+    if sparse and from_logits and _has_fused_label_smoothing(alpha):
+        return _torch_label_smoothing(y_true, y_pred, alpha)
     if sparse and from_logits:
         # -(1 - a) log p_y - a mean_k log p_k = CE + a (z_y - mean_k z_k): the
         # fused cross-entropy plus one gather and one mean.
@@ -587,7 +589,11 @@ def margin_label_smoothing(y_true, y_pred, margin, weight, from_logits=True):
     else:
         log_p = log_probabilities(y_pred, True)
         cross_entropy = _cross_entropy(y_true, y_pred, log_p, sparse=False)
-    ceiling = ops.max(y_pred, axis=-1, keepdims=True) - margin
+    # The largest logit by a gather at its argmax: its gradient is a scatter
+    # of B values rather than the K-wide mask of `max`'s (measured: 4.5x -> 3.2x
+    # of a cross-entropy on eager PyTorch at K = 1000).
+    top = ops.argmax(ops.stop_gradient(y_pred), axis=-1)
+    ceiling = ops.expand_dims(take_class(y_pred, top), -1) - margin
     penalty = _mean_over_classes(ops.relu(ceiling - y_pred))
     losses = cross_entropy + weight * penalty
     losses = _nan_outside(losses, margin, low=0.0)
@@ -894,7 +900,7 @@ def log_probabilities(y_pred, from_logits):
         return ops.log_softmax(y_pred, axis=-1)
     probabilities = y_pred / ops.sum(y_pred, axis=-1, keepdims=True)
     epsilon = keras.config.epsilon()
-    return ops.log(ops.clip(probabilities, epsilon, 1.0 - epsilon))
+    return ops.log(_clip(probabilities, epsilon, 1.0 - epsilon))
 
 
 def observed_log_probability(class_ids, y_pred, from_logits):
@@ -982,6 +988,24 @@ def relaxation_from_log_probability(log_p, alpha):
     return ops.where(log_p >= log_inside, ops.zeros_like(kl), kl)
 
 
+def _has_fused_label_smoothing(alpha):
+    # PyTorch's cross-entropy kernel smooths labels itself: measured 1.4x of
+    # a cross-entropy on eager PyTorch at K = 1000, against 2.3x for the
+    # gather-and-mean form below.
+    return keras.backend.backend() == "torch" and not _is_tensor(alpha)
+
+
+def _torch_label_smoothing(y_true, logits, alpha):
+    import torch
+
+    class_ids = ops.cast(_labels.class_ids(y_true, logits), "int64")
+    if len(logits.shape) > 2:  # classes on axis 1, as the kernel expects
+        logits = torch.movedim(logits, -1, 1)
+    return torch.nn.functional.cross_entropy(
+        logits, class_ids, reduction="none", label_smoothing=alpha
+    )
+
+
 def _cross_entropy(y_true, y_pred, log_p, sparse):
     if sparse:
         return -take_class(log_p, _labels.class_ids(y_true, y_pred))
@@ -1036,9 +1060,14 @@ def _mean_over_classes(x):
 
 
 def _at_most(x, bound):
-    # `ops.minimum(x, python_float)` computes in float32 on PyTorch even for
-    # float64 `x`; a tensor bound of x's dtype keeps float64 throughout.
-    return ops.minimum(x, ops.convert_to_tensor(bound, dtype=x.dtype))
+    return _clip(x, _LOWEST, bound)
+
+
+def _clip(x, low, high):
+    # Bounds in x's dtype: on PyTorch, Keras makes Python bounds float32 tensors
+    # (1 - 1e-7 becomes 0.99999988), and `ops.minimum` computes in float32.
+    low = ops.convert_to_tensor(low, dtype=x.dtype)
+    return ops.clip(x, low, ops.convert_to_tensor(high, dtype=x.dtype))
 
 
 def _compute_dtype(x):

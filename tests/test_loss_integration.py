@@ -5,23 +5,45 @@ import numpy as np
 import pytest
 
 from keras_label_relax import ConfidencePenalty
+from keras_label_relax import DualFocalLoss
 from keras_label_relax import FocalLoss
 from keras_label_relax import LabelRelaxation
 from keras_label_relax import LabelSmoothing
+from keras_label_relax import MarginLabelSmoothing
+from keras_label_relax import PolyLoss
+from keras_label_relax import SampleDependentFocalLoss
 
 CONFIGURED_LOSSES = [
     LabelRelaxation(alpha=0.25, from_logits=True, reduction="sum", name="lr"),
     LabelSmoothing(alpha=0.05, from_logits=True, reduction="mean", name="ls"),
     ConfidencePenalty(beta=2.0, reduction=None, name="cp", dtype="float64"),
     FocalLoss(gamma=3.5, from_logits=True, name="fl", dtype="mixed_bfloat16"),
+    SampleDependentFocalLoss(
+        thresholds=[0.2, 0.5], gammas=(5, 3, 1), from_logits=True, reduction=None
+    ),
+    DualFocalLoss(gamma=2.5, name="dfl", dtype="float64"),
+    MarginLabelSmoothing(margin=6.0, weight=0.2, reduction="sum"),
+    PolyLoss(epsilon=-0.5, from_logits=True, name="poly"),
 ]
-LOSS_IDS = ["lr", "ls", "cp", "fl"]
+LOSS_IDS = ["lr", "ls", "cp", "fl", "flsd", "dfl", "mbls", "poly"]
 
 
 def attributes(loss):
     return {
         key: getattr(loss, key)
-        for key in ("alpha", "beta", "gamma", "from_logits", "reduction", "name")
+        for key in (
+            "alpha",
+            "beta",
+            "gamma",
+            "thresholds",
+            "gammas",
+            "margin",
+            "weight",
+            "epsilon",
+            "from_logits",
+            "reduction",
+            "name",
+        )
         if hasattr(loss, key)
     } | {"dtype": loss.dtype, "class": type(loss)}
 
@@ -75,6 +97,12 @@ TRAINING_LOSSES = {
     "cp": lambda logits: ConfidencePenalty(beta=0.5, from_logits=logits),
     "fl": lambda logits: FocalLoss(gamma=0.5, from_logits=logits),
 }
+NEW_TRAINING_LOSSES = {
+    "flsd": lambda logits: SampleDependentFocalLoss(from_logits=logits),
+    "dfl": lambda logits: DualFocalLoss(gamma=2.0, from_logits=logits),
+    "mbls": lambda logits: MarginLabelSmoothing(margin=2.0, weight=0.1),
+    "poly": lambda logits: PolyLoss(epsilon=1.0, from_logits=logits),
+}
 
 
 @pytest.fixture
@@ -119,6 +147,26 @@ def test_fit(key, jit_compile):
 @pytest.mark.parametrize("key", TRAINING_LOSSES)
 def test_fit_under_mixed_bfloat16(key, jit_compile, mixed_bfloat16_policy):
     model = fit_and_check(TRAINING_LOSSES[key](True), True, jit_compile)
+    assert model.layers[-1].compute_dtype == "bfloat16"
+
+
+# torch.compile takes tens of seconds per model on CPU: the new losses are
+# compiled on PyTorch only by tests/test_new_losses.py.
+NEW_JIT_MODES = [False] if keras.backend.backend() == "torch" else JIT_MODES
+
+
+@pytest.mark.parametrize("jit_compile", NEW_JIT_MODES)
+@pytest.mark.parametrize("key", NEW_TRAINING_LOSSES)
+def test_fit_new_losses(key, jit_compile):
+    fit_and_check(NEW_TRAINING_LOSSES[key](True), True, jit_compile)
+    if key != "mbls":
+        fit_and_check(NEW_TRAINING_LOSSES[key](False), False, jit_compile)
+
+
+@pytest.mark.parametrize("jit_compile", MIXED_JIT_MODES)
+@pytest.mark.parametrize("key", NEW_TRAINING_LOSSES)
+def test_fit_new_losses_under_mixed_bfloat16(key, jit_compile, mixed_bfloat16_policy):
+    model = fit_and_check(NEW_TRAINING_LOSSES[key](True), True, jit_compile)
     assert model.layers[-1].compute_dtype == "bfloat16"
 
 
