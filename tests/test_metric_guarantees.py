@@ -26,6 +26,7 @@ from keras_label_relax import ExpectedCalibrationError
 from keras_label_relax import brier_score
 from keras_label_relax import classwise_calibration_error
 from keras_label_relax import expected_calibration_error
+from keras_label_relax.metrics import FINE_BINS
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BACKEND = keras.backend.backend()
@@ -97,9 +98,7 @@ CASES = {
     "classwise_l2": Case(
         ClasswiseCalibrationError,
         classwise_calibration_error,
-        functools.partial(
-            reference.classwise_calibration_error, num_bins=7, norm="l2"
-        ),
+        functools.partial(reference.classwise_calibration_error, num_bins=7, norm="l2"),
         {"num_bins": 7, "norm": "l2"},
     ),
     "brier": Case(BrierScore, brier_score, reference.brier_score, {}),
@@ -229,9 +228,7 @@ def test_low_precision_inputs(case, input_dtype):
     seen = np.asarray(ops.convert_to_numpy(ops.cast(low, "float32")), np.float64)
     expected = case.expected(labels, seen)
     assert case.value(labels, low) == pytest.approx(expected, abs=case.tolerance)
-    assert float(case.call(labels, low)) == pytest.approx(
-        expected, abs=case.tolerance
-    )
+    assert float(case.call(labels, low)) == pytest.approx(expected, abs=case.tolerance)
 
 
 def test_empty_batch_is_a_no_op(case):
@@ -309,7 +306,7 @@ def float64_data():
     """
     rng = np.random.default_rng(20)
     probs = rng.dirichlet(np.full(4, 0.5), size=60)
-    fine = np.floor(-np.log1p(-probs.max(axis=1)) * 16384 / (32 * np.log(2)))
+    fine = np.floor(-np.log1p(-probs.max(axis=1)) * FINE_BINS / (32 * np.log(2)))
     assert len(np.unique(fine)) == len(fine)
     return rng.integers(0, 4, 60), probs, rng.uniform(0, 2, 60)
 
@@ -408,10 +405,12 @@ def compiled(function):
     return torch.compile(function)
 
 
-@pytest.mark.parametrize("name", ["ece_l1", "ece_equal_mass_l2", "classwise_l1", "brier"])
+@pytest.mark.parametrize(
+    "name", ["ece_l1", "ece_equal_mass_l2", "classwise_l1", "brier"]
+)
 def test_function_compiles(name):
-    if BACKEND == "torch" and name != "ece_equal_mass_l2":
-        pytest.skip("torch.compile is slow: one case on PyTorch")
+    if BACKEND == "torch":
+        pytest.skip("torch.compile takes minutes: see test_function_torch_compiles")
     case = CASES[name]
     _, labels, probs = random_predictions(num_samples=300, seed=17)
     weights = np.random.default_rng(18).uniform(0, 1, 300).astype(np.float32)
@@ -421,9 +420,24 @@ def test_function_compiles(name):
         ops.convert_to_tensor(probs),
         ops.convert_to_tensor(weights),
     )
-    assert float(value) == pytest.approx(
-        case.value(labels, probs, weights), abs=1e-6
-    )
+    assert float(value) == pytest.approx(case.value(labels, probs, weights), abs=1e-6)
+
+
+@pytest.mark.benchmark
+@pytest.mark.skipif(BACKEND != "torch", reason="PyTorch only")
+@pytest.mark.parametrize(
+    "name", ["ece_l1", "ece_equal_mass_l2", "classwise_l1", "brier"]
+)
+def test_function_torch_compiles(name):
+    """Minutes of compilation on a CPU: `pytest -m benchmark` runs it."""
+    import torch
+
+    torch._dynamo.reset()
+    case = CASES[name]
+    _, labels, probs = random_predictions(num_samples=300, seed=17)
+    function = torch.compile(lambda y, p: case.call(y, p))
+    value = function(torch.from_numpy(labels), torch.from_numpy(probs))
+    assert float(value) == pytest.approx(case.value(labels, probs), abs=1e-6)
 
 
 def test_stateless_update_compiles(case):
@@ -443,9 +457,7 @@ def test_stateless_update_compiles(case):
         )
     for variable, value in zip(metric.variables, variables, strict=True):
         variable.assign(value)
-    assert float(metric.result()) == pytest.approx(
-        case.value(labels, probs), abs=1e-6
-    )
+    assert float(metric.result()) == pytest.approx(case.value(labels, probs), abs=1e-6)
 
 
 def tiny_model(num_classes=3, seed=0):
@@ -464,6 +476,8 @@ def evaluation_data(num_samples=128, num_classes=3, seed=20):
 
 @pytest.mark.parametrize("mode", ["eager", "jit"])
 def test_evaluate_with_every_metric(mode):
+    if BACKEND == "torch" and mode == "jit":
+        pytest.skip("torch.compile takes minutes: test_function_torch_compiles")
     x, y = evaluation_data()
     model = tiny_model()
     model.compile(
@@ -510,7 +524,9 @@ def test_saved_model_keeps_every_metric(tmp_path):
     model.compile(
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=[
-            ExpectedCalibrationError(num_bins=5, binning="equal_mass", from_logits=True),
+            ExpectedCalibrationError(
+                num_bins=5, binning="equal_mass", from_logits=True
+            ),
             ClasswiseCalibrationError(num_bins=5, from_logits=True, norm="max"),
             BrierScore(from_logits=True, num_bins=5),
         ],
@@ -519,7 +535,6 @@ def test_saved_model_keeps_every_metric(tmp_path):
     path = tmp_path / "model.keras"
     model.save(path)
     restored = keras.saving.load_model(path)
-    metrics = restored.compile_metrics  # noqa: F841 (built on evaluate)
     actual = restored.evaluate(x, y, verbose=0, return_dict=True)
     for name in ("ece", "classwise_ece", "brier_score"):
         assert actual[name] == pytest.approx(expected[name], abs=1e-6), name
