@@ -171,7 +171,7 @@ def test_sequence_predictions(case):
 
 
 def test_streaming_equals_one_batch(case):
-    _, labels, probs = random_predictions(num_samples=999, seed=7)
+    _, labels, probs = random_predictions(num_samples=1000, seed=7)
     weights = np.random.default_rng(8).uniform(0, 2, len(labels)).astype(np.float32)
     metric = case.metric()
     for start in range(0, len(labels), 100):
