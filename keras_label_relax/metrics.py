@@ -7,6 +7,7 @@ turns such sums into the value. So `metric.update_state(...)` followed by
 `metric.result()` and the function on the same data compute the same thing.
 """
 
+import functools
 import math
 
 import keras
@@ -828,6 +829,7 @@ def _equal_mass_numpy(fine, num_bins):
     return sums, edges
 
 
+@functools.cache
 def _fine_edges():
     """Lower and upper confidence edges of the fine bins, float64."""
     steps = np.arange(FINE_BINS + 1) * (_FINE_RANGE / FINE_BINS)
@@ -897,16 +899,24 @@ def _brier_update(labels, y_pred, weight, from_logits, num_bins, dtype):
     confidence = ops.max(probs, axis=-1)
     bins = ops.clip(ops.ceil(confidence * num_bins) - 1.0, 0.0, num_bins - 1.0)
     bins = ops.clip(ops.cast(bins, "int32"), 0, num_bins - 1)
-    weight = ops.ones_like(confidence) if weight is None else ops.cast(weight, dtype)
-    members = ops.one_hot(bins, num_bins, dtype=dtype) * weight[:, None]
+    # A comparison, not `ops.one_hot`: several times faster on PyTorch.
+    members = ops.cast(
+        ops.equal(bins[:, None], ops.arange(num_bins, dtype="int32")[None, :]), dtype
+    )
+    label_weight = ops.cast(valid, dtype)
+    if weight is None:
+        scalars = _segment_sums([None, squares, label_prob], bins, num_bins, dtype)
+    else:
+        weight = ops.cast(weight, dtype)
+        members = members * weight[:, None]
+        label_weight = label_weight * weight
+        scalars = _segment_sums(
+            [weight, weight * squares, weight * label_prob], bins, num_bins, dtype
+        )
     prob_sums = ops.matmul(ops.transpose(members), probs)
-    label_weight = weight * ops.cast(valid, dtype)
     safe_labels = ops.where(valid, labels, 0)
     (label_sums,) = _segment_sums(
         [label_weight], bins * num_classes + safe_labels, num_bins * num_classes, dtype
-    )
-    scalars = _segment_sums(
-        [weight, weight * squares, weight * label_prob], bins, num_bins, dtype
     )
     per_bin = ops.concatenate(
         [
@@ -1167,17 +1177,39 @@ def _broadcastable(shape, target):
 def _segment_sums(rows, segment_ids, num_segments, dtype):
     """Per-segment sums of each flat row; a `None` row counts segment ids.
 
-    An accumulating scatter: as fast as `segment_sum` under XLA, and a
-    third of the passes of Keras' PyTorch `segment_sum`.
+    Compiled, an accumulating scatter (as fast as `segment_sum` under XLA,
+    a third of the passes of Keras' PyTorch `segment_sum`). Eager, the
+    backend's fastest kernel: `bincount` on TensorFlow (10x its scatter on
+    a CPU) and PyTorch, `segment_sum` on JAX.
     """
+    if _values_visible(segment_ids):
+        backend = keras.backend.backend()
+        if backend == "torch":
+            import torch
+
+            return [
+                ops.cast(torch.bincount(segment_ids, row, num_segments), dtype)
+                for row in rows
+            ]
+        if backend == "tensorflow":
+            return [
+                ops.cast(
+                    ops.bincount(segment_ids, weights=row, minlength=num_segments),
+                    dtype,
+                )
+                for row in rows
+            ]
     if rows[0] is None:
         rows = [ops.ones_like(rows[1])] + list(rows[1:])
     # Stacked as rows and transposed: a view, cheaper than interleaving.
     values = ops.transpose(ops.stack(rows))
-    sums = ops.scatter_update(
-        ops.zeros((num_segments, len(rows)), dtype),
-        segment_ids[:, None],
-        values,
-        reduction="add",
-    )
+    if _values_visible(segment_ids):
+        sums = ops.segment_sum(values, segment_ids, num_segments)
+    else:
+        sums = ops.scatter_update(
+            ops.zeros((num_segments, len(rows)), dtype),
+            segment_ids[:, None],
+            values,
+            reduction="add",
+        )
     return ops.unstack(sums, axis=1)
