@@ -94,3 +94,23 @@ def _check_sequence(name, value):
             f"Received: {name}={value!r}"
         )
     return tuple(value)
+
+
+def check_num_bins(value, name="num_bins"):
+    """Checks an integer >= 1, returns it as an `int`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(
+            f"Argument `{name}` must be an integer >= 1. Received: {name}={value!r}"
+        )
+    if value < 1:
+        raise ValueError(f"Argument `{name}` must be >= 1. Received: {name}={value!r}")
+    return int(value)
+
+
+def check_choice(name, value, choices):
+    """Checks that `value` is one of `choices`, returns it."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(
+            f"Argument `{name}` must be one of {choices}. Received: {name}={value!r}"
+        )
+    return value

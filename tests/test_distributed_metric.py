@@ -1,4 +1,4 @@
-"""ExpectedCalibrationError is exact under data parallelism.
+"""The calibration metrics are exact under data parallelism.
 
 `model.evaluate` under `keras.distribution.DataParallel` over 4 JAX CPU
 devices, and under `tf.distribute.MirroredStrategy` over two logical CPUs,
@@ -7,6 +7,7 @@ backend initialises, so each case runs in its own Python process; each runs
 once, from the test session of its own backend.
 """
 
+import functools
 import json
 import os
 import pathlib
@@ -25,6 +26,8 @@ COMMON = """
 import json
 import keras
 import numpy as np
+from keras_label_relax import BrierScore
+from keras_label_relax import ClasswiseCalibrationError
 from keras_label_relax import ExpectedCalibrationError
 
 
@@ -38,12 +41,28 @@ def build():
             ExpectedCalibrationError(
                 num_bins=10, from_logits=True, norm="l2", name="rms"
             ),
+            ExpectedCalibrationError(
+                num_bins=10, from_logits=True, binning="equal_mass", name="mass"
+            ),
+            ClasswiseCalibrationError(num_bins=10, from_logits=True, name="cw"),
+            BrierScore(from_logits=True, name="brier"),
         ],
         weighted_metrics=[
             ExpectedCalibrationError(num_bins=10, from_logits=True, name="w_ece"),
             ExpectedCalibrationError(
                 num_bins=10, from_logits=True, norm="l2", name="w_rms"
             ),
+            ExpectedCalibrationError(
+                num_bins=10,
+                from_logits=True,
+                norm="max",
+                binning="equal_mass",
+                name="w_mass",
+            ),
+            ClasswiseCalibrationError(
+                num_bins=10, from_logits=True, norm="l2", name="w_cw"
+            ),
+            BrierScore(from_logits=True, name="w_brier"),
         ],
     )
     return model
@@ -135,18 +154,48 @@ def check(result, expected_replicas):
     labels = rng.integers(0, 3, 512)
     weights = rng.uniform(0, 2, 512).astype(np.float32)
     probs = reference.softmax(np.array(result["logits"], np.float32))
+
+    def ece(norm):
+        return functools.partial(reference.calibration_error, num_bins=10, norm=norm)
+
     cases = {
-        "ece": ("l1", None),
-        "rms": ("l2", None),
-        "w_ece": ("l1", weights),
-        "w_rms": ("l2", weights),
+        "ece": (ece("l1"), None, 1e-5),
+        "rms": (ece("l2"), None, 1e-5),
+        "w_ece": (ece("l1"), weights, 1e-5),
+        "w_rms": (ece("l2"), weights, 1e-5),
+        "mass": (
+            functools.partial(reference.equal_mass_calibration_error, num_bins=10),
+            None,
+            1e-3,
+        ),
+        "w_mass": (
+            functools.partial(
+                reference.equal_mass_calibration_error, num_bins=10, norm="max"
+            ),
+            weights,
+            1e-2,
+        ),
+        "cw": (
+            functools.partial(reference.classwise_calibration_error, num_bins=10),
+            None,
+            1e-5,
+        ),
+        "w_cw": (
+            functools.partial(
+                reference.classwise_calibration_error, num_bins=10, norm="l2"
+            ),
+            weights,
+            1e-5,
+        ),
+        "brier": (reference.brier_score, None, 1e-5),
+        "w_brier": (reference.brier_score, weights, 1e-5),
     }
-    for name, (norm, sample_weight) in cases.items():
+    for name, (compute, sample_weight, tolerance) in cases.items():
         single = result["single"][name]
         parallel = result["parallel"][name]
-        expected = reference.calibration_error(labels, probs, 10, norm, sample_weight)
+        expected = compute(labels, probs, sample_weight=sample_weight)
         assert parallel == pytest.approx(single, abs=1e-6), name
-        assert single == pytest.approx(expected, abs=1e-5), name
+        assert single == pytest.approx(expected, abs=tolerance), name
 
 
 @pytest.mark.skipif(

@@ -119,9 +119,9 @@ def test_ties_go_to_the_first_class(from_logits):
     assert float(metric.result()) == pytest.approx(0.0, abs=1e-7)
 
 
-def test_out_of_range_labels_count_as_wrong():
+def test_out_of_range_labels_count_as_wrong_without_checks():
     probs = np.array([[0.9, 0.1], [0.2, 0.8]], np.float32)
-    stats_metric = ExpectedCalibrationError(num_bins=10)
+    stats_metric = ExpectedCalibrationError(num_bins=10, validate_args=False)
     stats_metric.update_state(np.array([-1, 5]), probs)
     stats = stats_metric.bin_statistics()
     np.testing.assert_array_equal(stats["accuracy"][stats["weight"] > 0], [0, 0])
@@ -317,6 +317,8 @@ def test_config_round_trip():
         "num_bins": 7,
         "from_logits": True,
         "norm": "l2",
+        "binning": "equal_width",
+        "validate_args": True,
         "name": "rms",
         "dtype": "float32",
     }
