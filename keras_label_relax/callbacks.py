@@ -31,8 +31,9 @@ class ReliabilityDiagramCallback(keras.callbacks.Callback):
     `callback.paths`.
 
     Args:
-        validation_data: `(x, y)` or `(x, y, sample_weight)` arrays, or a
-            dataset or iterable of such batches (iterated once per drawing).
+        validation_data: a tuple `(x, y)` or `(x, y, sample_weight)` of
+            arrays, or a dataset or other iterable (a list, say) of such
+            batches, iterated once per drawing.
         log_dir: directory for the PNG files and the TensorBoard events;
             `None` writes nothing.
         every: draw every `every` epochs, an integer >= 1.
@@ -77,7 +78,7 @@ class ReliabilityDiagramCallback(keras.callbacks.Callback):
             raise ValueError(
                 f"Argument `every` must be >= 1. Received: every={every!r}"
             )
-        if isinstance(validation_data, (tuple, list)) and len(validation_data) not in (
+        if isinstance(validation_data, tuple) and len(validation_data) not in (
             2,
             3,
         ):
@@ -134,9 +135,21 @@ class ReliabilityDiagramCallback(keras.callbacks.Callback):
             self._writer.close()
             self._writer = None
 
+    def get_config(self):
+        """The settings; the validation data are not part of them."""
+        return {
+            "log_dir": self.log_dir,
+            "every": self.every,
+            "num_bins": self.num_bins,
+            "from_logits": self.from_logits,
+            "binning": self.binning,
+            "tensorboard": self.tensorboard,
+            "batch_size": self.batch_size,
+        }
+
     def _predict(self):
         data = self.validation_data
-        if isinstance(data, (tuple, list)):
+        if isinstance(data, tuple):
             x, y = data[0], data[1]
             weight = data[2] if len(data) == 3 else None
             predictions = self.model.predict(x, batch_size=self.batch_size, verbose=0)
