@@ -206,7 +206,7 @@ def _figure_and_axes(plt, ax, with_panel):
 def _panel_below(ax):
     from mpl_toolkits.axes_grid1 import make_axes_locatable
 
-    panel = make_axes_locatable(ax).append_axes("bottom", size="28%", pad=0.1)
+    panel = make_axes_locatable(ax).append_axes("bottom", size="28%", pad=0.25)
     panel.set_xlim(ax.get_xlim())
     ax.tick_params(labelbottom=False)
     ax.set_xlabel("")
