@@ -83,7 +83,7 @@ def main():
         ),
         "Label relaxation (alpha = 0.1)": softmax(lr_model.predict(x_test, verbose=0)),
     }
-    figure, axes = plt.subplots(1, 3, figsize=(15, 5))
+    figure, axes = plt.subplots(1, 3, figsize=(15, 6.2))
     for ax, (title, probs) in zip(axes, panels.items(), strict=True):
         probs = keras.ops.convert_to_numpy(probs)
         summary(title, y_test, probs)
