@@ -603,6 +603,87 @@ def choose_odir_penalties(scores, labels, grid, folds=5, seed=0, sample_weight=N
     return float(off_diagonal_values[j]), float(bias_values[i])
 
 
+@export
+def compare_calibrators(
+    calibration_logits,
+    calibration_labels,
+    test_logits,
+    test_labels,
+    num_bins=15,
+    grid=None,
+):
+    """Fits every calibrator on held-out logits and scores it on test logits.
+
+    The calibrators: none, `TemperatureScaling` (NLL), `VectorScaling`,
+    `MatrixScaling` with ODIR penalties 1e-2, and `DirichletCalibration`
+    with its penalties chosen by 5-fold cross-validation. Each wraps an
+    identity model over the logits, so the logits stand for any classifier's.
+
+    Args:
+        calibration_logits: float array `(N, K)`, the held-out logits.
+        calibration_labels: integer class ids `(N,)`.
+        test_logits: float array `(M, K)`.
+        test_labels: integer class ids `(M,)`.
+        num_bins: bins of the expected calibration error.
+        grid: the ODIR grid for the Dirichlet cross-validation (see
+            `DirichletCalibration.calibrate()`); Kull et al.'s by default.
+
+    Returns:
+        A list of dicts, one per calibrator: `name`, `nll` (mean negative
+        log-likelihood), `ece` (top-label, `num_bins` equal-width bins),
+        `brier` (mean squared error of the probability vector, summed over
+        classes), `accuracy` and `parameters` (what `calibrate()` returned).
+    """
+    calibration_logits = np.asarray(calibration_logits, dtype=np.float32)
+    test_logits = np.asarray(test_logits, dtype=np.float32)
+    test_labels = np.asarray(test_labels).astype(np.int64)
+    num_classes = calibration_logits.shape[-1]
+    model = keras.Sequential(
+        [keras.Input((num_classes,)), keras.layers.Identity()], name="logits"
+    )
+    calibrators = {
+        "temperature scaling": (TemperatureScaling(model), {}),
+        "vector scaling": (VectorScaling(model), {}),
+        "matrix scaling (ODIR 1e-2)": (
+            MatrixScaling(model, off_diagonal_l2=1e-2, bias_l2=1e-2),
+            {},
+        ),
+        "Dirichlet (ODIR, cv)": (
+            DirichletCalibration(model),
+            {"off_diagonal_l2": "cv", "grid": grid},
+        ),
+    }
+    rows = [_scores_row("uncalibrated", _softmax(test_logits), test_labels, num_bins)]
+    for name, (calibrator, options) in calibrators.items():
+        parameters = calibrator.calibrate(
+            calibration_logits, calibration_labels, **options
+        )
+        probs = ops.convert_to_numpy(calibrator(test_logits))
+        row = _scores_row(name, probs, test_labels, num_bins)
+        rows.append(row | {"parameters": parameters})
+    return rows
+
+
+def _scores_row(name, probs, labels, num_bins):
+    probs = np.asarray(probs, dtype=np.float64)
+    rows = np.arange(len(labels))
+    metric = ExpectedCalibrationError(num_bins=num_bins)
+    metric.update_state(labels, probs.astype(np.float32))
+    onehot = np.eye(probs.shape[-1])[labels]
+    return {
+        "name": name,
+        "nll": float(-np.mean(np.log(np.maximum(probs[rows, labels], _TINY)))),
+        "ece": float(metric.result()),
+        "brier": float(np.mean(np.sum((probs - onehot) ** 2, axis=-1))),
+        "accuracy": float(np.mean(probs.argmax(axis=-1) == labels)),
+        "parameters": None,
+    }
+
+
+def _softmax(logits):
+    return np.exp(_log_softmax(np.asarray(logits, dtype=np.float64)))
+
+
 def fit_temperature_nll(logits, labels, sample_weight=None, rtol=1e-8):
     """Returns the temperature in [0.01, 100] minimising the mean NLL.
 
@@ -871,12 +952,19 @@ def _iterate(dataset):
 
 
 # The fits. Each pass over the scores is a keras.ops function, compiled for
-# the backend (`jax.jit`, `tf.function` with XLA; eager PyTorch, whose big
+# the backend (`jax.jit`, a `tf.function` graph; eager PyTorch, whose big
 # kernels gain little from compiling) and run where the backend runs, in
 # float32. What comes back is small: per-row losses, which are summed in
 # float64 on the host so that the objective resolves changes far below
 # float32's precision, and K- or K x K-sized derivatives. The optimisers
 # (Newton, L-BFGS) work on those in float64 on the host.
+
+
+def _log_softmax_ops(logits):
+    # Spelt out: PyTorch's fused log_softmax waits on its thread pool, which
+    # on a busy machine costs milliseconds even for small inputs.
+    shifted = logits - ops.max(logits, axis=-1, keepdims=True)
+    return shifted - ops.log(ops.sum(ops.exp(shifted), axis=-1, keepdims=True))
 
 
 def _temperature_pass(shifted, scale):
@@ -890,7 +978,7 @@ def _temperature_pass(shifted, scale):
 
 
 def _vector_pass(scores, onehot, weights, scale, bias):
-    log_probs = ops.log_softmax(scores * scale + bias, axis=-1)
+    log_probs = _log_softmax_ops(scores * scale + bias)
     row_loss = -ops.sum(onehot * log_probs, axis=-1)
     probs = ops.exp(log_probs)
     weighted_probs = probs * weights[:, None]
@@ -915,7 +1003,7 @@ def _vector_pass(scores, onehot, weights, scale, bias):
 
 def _matrix_pass(scores, onehot, weights, matrix, bias):
     logits = ops.matmul(scores, ops.transpose(matrix)) + bias
-    log_probs = ops.log_softmax(logits, axis=-1)
+    log_probs = _log_softmax_ops(logits)
     row_loss = -ops.sum(onehot * log_probs, axis=-1)
     residual = (ops.exp(log_probs) - onehot) * weights[:, None]
     gradient_matrix = ops.matmul(ops.transpose(residual), scores)
@@ -924,7 +1012,7 @@ def _matrix_pass(scores, onehot, weights, matrix, bias):
 
 def _matrix_loss_pass(scores, onehot, matrix, bias):
     logits = ops.matmul(scores, ops.transpose(matrix)) + bias
-    return -ops.sum(onehot * ops.log_softmax(logits, axis=-1), axis=-1)
+    return -ops.sum(onehot * _log_softmax_ops(logits), axis=-1)
 
 
 def _second_moment_pass(scores, weights):
@@ -957,7 +1045,9 @@ def _compile(function):
     if backend == "tensorflow":
         import tensorflow as tf
 
-        return tf.function(function, jit_compile=True, reduce_retracing=True)
+        # A graph without XLA: cross-validation meets a new shape per fold,
+        # and an XLA compilation for each costs more than the fusion gains.
+        return tf.function(function, reduce_retracing=True)
     if backend == "torch":
         import torch
 
@@ -1003,6 +1093,13 @@ class _TemperatureProblem:
         return slope, curvature
 
 
+# Fits on more rows than this start from a fit on every COARSE_STRIDE-th
+# row (itself started the same way): most of the way to the optimum at a
+# fraction of the cost, leaving the passes over all rows a few final steps.
+COARSE_MIN_ROWS = 20_000
+COARSE_STRIDE = 4
+
+
 class _Problem:
     """Scores, one-hot labels and weights on the backend's device."""
 
@@ -1012,8 +1109,24 @@ class _Problem:
         self.num_classes = scores.shape[-1]
         self.weights = _normalised_weights(sample_weight, len(labels))
         self.scores = _float32(scores)
-        self.onehot = _float32(np.eye(self.num_classes)[labels])
+        self.onehot = ops.one_hot(
+            ops.convert_to_tensor(labels.astype(np.int32)),
+            self.num_classes,
+            dtype="float32",
+        )
         self.device_weights = _float32(self.weights)
+        self.host_data = scores, labels
+
+    def coarse(self):
+        """The same problem on every COARSE_STRIDE-th row, or None."""
+        scores, labels = self.host_data
+        if len(labels) < COARSE_MIN_ROWS:
+            return None
+        rows = slice(None, None, COARSE_STRIDE)
+        weights = self.weights[rows]
+        if not weights.sum() > 0:
+            return None
+        return type(self)(scores[rows], labels[rows], weights)
 
 
 class _VectorProblem(_Problem):
@@ -1038,7 +1151,11 @@ class _VectorProblem(_Problem):
     def fit(self):
         self.run = _compiled(_vector_pass)
         k = self.num_classes
-        start = np.concatenate([np.ones(k), np.zeros(k)])
+        coarse = self.coarse()
+        if coarse is None:
+            start = np.concatenate([np.ones(k), np.zeros(k)])
+        else:
+            start = np.concatenate(coarse.fit())
         parameters = _minimize_newton(self.objective, start)
         scale, bias = parameters[:k], parameters[k:]
         return scale, bias - bias.mean()
@@ -1097,7 +1214,11 @@ class _MatrixProblem(_Problem):
     def fit(self, off_diagonal_l2, bias_l2, start=None):
         k = self.num_classes
         if start is None:
-            start = (np.eye(k), np.zeros(k))
+            coarse = self.coarse()
+            if coarse is None:
+                start = (np.eye(k), np.zeros(k))
+            else:
+                start = coarse.fit(off_diagonal_l2, bias_l2)
         affine = np.concatenate([start[0], np.reshape(start[1], (k, 1))], axis=1)
         parameters = _minimize_lbfgs(
             lambda v: self.objective(v, off_diagonal_l2, bias_l2),
