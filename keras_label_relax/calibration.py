@@ -1093,9 +1093,11 @@ class _TemperatureProblem:
         return slope, curvature
 
 
-# Fits on more rows than this start from a fit on every COARSE_STRIDE-th
-# row (itself started the same way): most of the way to the optimum at a
-# fraction of the cost, leaving the passes over all rows a few final steps.
+# Vector scaling fits on more rows than this start from a fit on every
+# COARSE_STRIDE-th row (itself started the same way): most of the way to the
+# optimum at a fraction of the cost, leaving the Newton passes over all rows
+# a few final steps. (Not so for matrix scaling: with K (K + 1) parameters a
+# fit on a quarter of the rows lands too far from the full optimum to pay.)
 COARSE_MIN_ROWS = 20_000
 COARSE_STRIDE = 4
 
@@ -1214,11 +1216,11 @@ class _MatrixProblem(_Problem):
     def fit(self, off_diagonal_l2, bias_l2, start=None):
         k = self.num_classes
         if start is None:
-            coarse = self.coarse()
-            if coarse is None:
-                start = (np.eye(k), np.zeros(k))
-            else:
-                start = coarse.fit(off_diagonal_l2, bias_l2)
+            # Temperature scaling's fit, W = I / T, is a cheap start that
+            # saves L-BFGS a fifth of its passes.
+            scores, labels = self.host_data
+            temperature = fit_temperature_nll(scores, labels, self.weights)
+            start = (np.eye(k) / temperature, np.zeros(k))
         affine = np.concatenate([start[0], np.reshape(start[1], (k, 1))], axis=1)
         parameters = _minimize_lbfgs(
             lambda v: self.objective(v, off_diagonal_l2, bias_l2),
