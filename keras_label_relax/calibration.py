@@ -1,4 +1,5 @@
-"""Post-hoc calibration of a trained classifier by temperature scaling."""
+"""Post-hoc calibration of a trained classifier: temperature, vector, matrix
+and Dirichlet scaling, each a Keras model wrapping the frozen classifier."""
 
 import math
 
@@ -8,6 +9,7 @@ from keras import ops
 
 from keras_label_relax._api import export
 from keras_label_relax._validation import check_bool
+from keras_label_relax._validation import check_non_negative
 from keras_label_relax._validation import check_number
 from keras_label_relax.metrics import ExpectedCalibrationError
 
@@ -23,8 +25,122 @@ MAX_TEMPERATURE = 1e2
 _TINY = 1e-30
 
 
+class _Calibrator(keras.Model):
+    """What every calibrator shares: the frozen wrapped model, its scores
+    (logits, or log-probabilities standing in for them), the collection of
+    its outputs on held-out data, and the config.
+
+    A subclass defines its weights in `_build_parameters(num_classes)`, the
+    map of scores to calibrated logits in `_transform(scores)`, and its fit.
+    """
+
+    # Whether the scores are log-probabilities even for a logit model.
+    _log_probability_scores = False
+    # Whether the weights need the number of classes at construction.
+    _needs_num_classes = True
+
+    def __init__(self, model, from_logits=True, name=None, **kwargs):
+        super().__init__(name=name, **kwargs)
+        if not isinstance(model, keras.Model):
+            raise ValueError(
+                f"Argument `model` must be a `keras.Model`. Received: model={model!r}"
+            )
+        self.base_model = model
+        self.base_model.trainable = False
+        self.from_logits = check_bool("from_logits", from_logits)
+        if self._needs_num_classes:
+            self.num_classes = _num_classes(model)
+        self._build_parameters()
+
+    def _build_parameters(self):
+        raise NotImplementedError
+
+    def _transform(self, scores):
+        raise NotImplementedError
+
+    def call(self, inputs, training=False):
+        outputs = ops.cast(self.base_model(inputs, training=False), self.compute_dtype)
+        return ops.softmax(self._transform(self._scores(outputs)), axis=-1)
+
+    def _scores(self, outputs):
+        if not self.from_logits:
+            return ops.log(ops.maximum(outputs, _TINY))
+        if self._log_probability_scores:
+            return ops.log_softmax(outputs, axis=-1)
+        return outputs
+
+    def _collect_scores(self, x, y, sample_weight, batch_size):
+        """Runs the wrapped model over held-out data.
+
+        Returns the scores `(N, K)` in float64, integer labels `(N,)` and
+        weights `(N,)` that sum to 1.
+        """
+        if y is None:
+            if sample_weight is not None:
+                raise ValueError(
+                    "Argument `sample_weight` needs array inputs with `y`; a "
+                    "dataset yields its weights as `(x, y, sample_weight)`."
+                )
+            outputs, labels, weights = self._predict_batches(x)
+        else:
+            if _num_examples(x) == 0:
+                raise ValueError(
+                    "Argument `x` must hold at least one example. Received: "
+                    "x with 0 examples"
+                )
+            outputs = self.base_model.predict(x, batch_size=batch_size, verbose=0)
+            labels, weights = y, sample_weight
+        outputs = _check_outputs(outputs)
+        if self._needs_num_classes and outputs.shape[-1] != self.num_classes:
+            raise ValueError(
+                f"The model's outputs have {outputs.shape[-1]} classes on `x`, "
+                f"but {self.num_classes} in its output shape."
+            )
+        outputs, labels, weights = _flatten_outputs(outputs, labels, weights)
+        if not len(labels):
+            raise ValueError("Argument `x` must hold at least one example.")
+        if not self.from_logits:
+            outputs = np.log(np.maximum(outputs, _TINY))
+        elif self._log_probability_scores:
+            outputs = _log_softmax(outputs)
+        return outputs, labels, _normalised_weights(weights, len(labels))
+
+    def _predict_batches(self, dataset):
+        outputs, labels, weights = [], [], []
+        for batch in _iterate(dataset):
+            if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
+                raise ValueError(
+                    "Without `y`, `x` must yield `(x, y)` or "
+                    "`(x, y, sample_weight)` batches. Received a batch of "
+                    f"type {type(batch).__name__}"
+                )
+            outputs.append(np.asarray(self.base_model.predict_on_batch(batch[0])))
+            labels.append(ops.convert_to_numpy(batch[1]))
+            if len(batch) == 3:
+                weights.append(ops.convert_to_numpy(batch[2]))
+        if not outputs:
+            raise ValueError("Argument `x` yielded no batches.")
+        weights = np.concatenate(weights) if weights else None
+        return np.concatenate(outputs), np.concatenate(labels), weights
+
+    def get_config(self):
+        return {
+            "model": keras.saving.serialize_keras_object(self.base_model),
+            "from_logits": self.from_logits,
+            "name": self.name,
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        config["model"] = keras.saving.deserialize_keras_object(
+            config["model"], custom_objects=custom_objects
+        )
+        return cls(**config)
+
+
 @export
-class TemperatureScaling(keras.Model):
+class TemperatureScaling(_Calibrator):
     """Wraps a trained classifier and divides its logits by a temperature.
 
     The wrapped model is frozen; the only parameter is the temperature
@@ -64,24 +180,15 @@ class TemperatureScaling(keras.Model):
           https://arxiv.org/abs/1706.04599)
     """
 
-    def __init__(self, model, from_logits=True, name=None, **kwargs):
-        super().__init__(name=name, **kwargs)
-        if not isinstance(model, keras.Model):
-            raise ValueError(
-                f"Argument `model` must be a `keras.Model`. Received: model={model!r}"
-            )
-        self.base_model = model
-        self.base_model.trainable = False
-        self.from_logits = check_bool("from_logits", from_logits)
+    _needs_num_classes = False
+
+    def _build_parameters(self):
         self.log_temperature = self.add_weight(
             shape=(), initializer="zeros", name="log_temperature"
         )
 
-    def call(self, inputs, training=False):
-        outputs = ops.cast(self.base_model(inputs, training=False), self.compute_dtype)
-        if not self.from_logits:
-            outputs = ops.log(ops.maximum(outputs, _TINY))
-        return ops.softmax(outputs * ops.exp(-self.log_temperature), axis=-1)
+    def _transform(self, scores):
+        return scores * ops.exp(-self.log_temperature)
 
     @property
     def temperature(self):
@@ -103,7 +210,7 @@ class TemperatureScaling(keras.Model):
         """Fits the temperature on held-out data and returns it.
 
         The wrapped model runs once over `x`; the temperature is then fitted
-        to its cached outputs in numpy.
+        to its cached outputs.
 
         Args:
             x: inputs, as for `Model.predict()`; or a `tf.data.Dataset`,
@@ -137,63 +244,450 @@ class TemperatureScaling(keras.Model):
                 "Argument `grid` is only used with method='ece_grid'. "
                 f"Received: method={method!r}, grid={grid!r}"
             )
-        logits, labels, weights = self._collect_outputs(x, y, sample_weight, batch_size)
+        scores, labels, weights = self._collect_scores(x, y, sample_weight, batch_size)
         if method == "nll":
-            temperature = fit_temperature_nll(logits, labels, weights)
+            temperature = fit_temperature_nll(scores, labels, weights)
         else:
             grid = PAPER_GRID if grid is None else _check_grid(grid)
-            temperature = fit_temperature_ece_grid(logits, labels, grid, weights)
+            temperature = fit_temperature_ece_grid(scores, labels, grid, weights)
         self.temperature = temperature
         return temperature
 
-    def _collect_outputs(self, x, y, sample_weight, batch_size):
-        if y is None:
-            if sample_weight is not None:
-                raise ValueError(
-                    "Argument `sample_weight` needs array inputs with `y`; a "
-                    "dataset yields its weights as `(x, y, sample_weight)`."
-                )
-            outputs, labels, weights = self._predict_batches(x)
-        else:
-            outputs = self.base_model.predict(x, batch_size=batch_size, verbose=0)
-            labels, weights = y, sample_weight
-        outputs = np.asarray(outputs, dtype=np.float64)
-        if not self.from_logits:
-            outputs = np.log(np.maximum(outputs, _TINY))
-        return _flatten_outputs(outputs, labels, weights)
 
-    def _predict_batches(self, dataset):
-        outputs, labels, weights = [], [], []
-        for batch in _iterate(dataset):
-            if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
-                raise ValueError(
-                    "Without `y`, `x` must yield `(x, y)` or "
-                    "`(x, y, sample_weight)` batches. Received a batch of "
-                    f"type {type(batch).__name__}"
-                )
-            outputs.append(np.asarray(self.base_model.predict_on_batch(batch[0])))
-            labels.append(ops.convert_to_numpy(batch[1]))
-            if len(batch) == 3:
-                weights.append(ops.convert_to_numpy(batch[2]))
-        if not outputs:
-            raise ValueError("Argument `x` yielded no batches.")
-        weights = np.concatenate(weights) if weights else None
-        return np.concatenate(outputs), np.concatenate(labels), weights
+@export
+class VectorScaling(_Calibrator):
+    """Wraps a trained classifier and scales each logit by its own factor.
+
+    Calling the wrapper returns `softmax(w * z + b)` with a scale `w_k` and
+    an offset `b_k` per class. It generalises temperature scaling
+    (`w = 1 / T`, `b = 0`) and, unlike it, can change the predicted class.
+    `calibrate()` fits `w` and `b` by minimising the NLL on held-out data
+    with a full-batch Newton method (2K parameters); `b` is defined up to a
+    constant and is returned with mean 0.
+
+    With `from_logits=False` the logarithms of the probabilities stand in
+    for the logits.
+
+    Args:
+        model: the trained `keras.Model` to calibrate; its output shape must
+            end in the number of classes.
+        from_logits: whether `model` outputs logits (`True`) or
+            probabilities (`False`).
+        name: name of the wrapper model.
+
+    Example:
+
+    ```python
+    scaled = VectorScaling(model)
+    fitted = scaled.calibrate(x_val, y_val)  # {"scale": w, "bias": b}
+    probabilities = scaled.predict(x_test)
+    ```
+
+    Reference:
+        - [Guo et al., 2017. On Calibration of Modern Neural Networks](
+          https://arxiv.org/abs/1706.04599)
+    """
+
+    def _build_parameters(self):
+        k = self.num_classes
+        self.scale = self.add_weight(shape=(k,), initializer="ones", name="scale")
+        self.bias = self.add_weight(shape=(k,), initializer="zeros", name="bias")
+
+    def _transform(self, scores):
+        return scores * self.scale + self.bias
+
+    def calibrate(self, x, y=None, batch_size=None, sample_weight=None):
+        """Fits the per-class scales and offsets on held-out data.
+
+        Args:
+            x: inputs, as for `Model.predict()`; or a dataset or iterable
+                of `(x, y)` or `(x, y, sample_weight)` batches, with `y`
+                `None`.
+            y: integer class ids or one-hot labels, when `x` holds inputs.
+            batch_size: batch size for running the wrapped model on arrays.
+            sample_weight: optional per-example weights, when `x` holds
+                inputs.
+
+        Returns:
+            A dict of float64 numpy arrays `{"scale": w, "bias": b}`, also
+            stored in the wrapper.
+        """
+        scores, labels, weights = self._collect_scores(x, y, sample_weight, batch_size)
+        scale, bias = fit_vector_scaling(scores, labels, weights)
+        self.scale.assign(scale)
+        self.bias.assign(bias)
+        return {"scale": scale, "bias": bias}
+
+
+@export
+class MatrixScaling(_Calibrator):
+    """Wraps a trained classifier and maps its logits by an affine map.
+
+    Calling the wrapper returns `softmax(W z + b)` with a `K x K` matrix
+    `W` and an offset `b`. `calibrate()` minimises the mean NLL on held-out
+    data plus the ODIR penalty of Kull et al. (2019),
+
+    `off_diagonal_l2 / (K (K - 1)) * sum_{i != j} W_ij**2
+    + bias_l2 / K * sum_k b_k**2`,
+
+    which pulls `W` towards a diagonal matrix (vector scaling) and `b`
+    towards 0. Without a penalty, `K (K + 1)` parameters overfit small
+    calibration sets easily; the penalty is what makes matrix scaling
+    usable with many classes.
+
+    With `from_logits=False` the logarithms of the probabilities stand in
+    for the logits, which is `DirichletCalibration` without its
+    cross-validated penalty choice.
+
+    Args:
+        model: the trained `keras.Model` to calibrate; its output shape must
+            end in the number of classes.
+        off_diagonal_l2: weight of the penalty on the off-diagonal entries
+            of `W`, >= 0.
+        bias_l2: weight of the penalty on `b`, >= 0.
+        from_logits: whether `model` outputs logits (`True`) or
+            probabilities (`False`).
+        name: name of the wrapper model.
+
+    Example:
+
+    ```python
+    scaled = MatrixScaling(model, off_diagonal_l2=1e-2, bias_l2=1e-2)
+    fitted = scaled.calibrate(x_val, y_val)  # {"matrix": W, "bias": b}
+    probabilities = scaled.predict(x_test)
+    ```
+
+    Reference:
+        - [Kull et al., 2019. Beyond temperature scaling: Obtaining
+          well-calibrated multiclass probabilities with Dirichlet
+          calibration](https://arxiv.org/abs/1910.12656)
+    """
+
+    def __init__(
+        self,
+        model,
+        off_diagonal_l2=0.0,
+        bias_l2=0.0,
+        from_logits=True,
+        name=None,
+        **kwargs,
+    ):
+        self.off_diagonal_l2 = check_non_negative("off_diagonal_l2", off_diagonal_l2)
+        self.bias_l2 = check_non_negative("bias_l2", bias_l2)
+        super().__init__(model, from_logits=from_logits, name=name, **kwargs)
+
+    def _build_parameters(self):
+        k = self.num_classes
+        self.matrix = self.add_weight(
+            shape=(k, k), initializer="identity", name="matrix"
+        )
+        self.bias = self.add_weight(shape=(k,), initializer="zeros", name="bias")
+
+    def _transform(self, scores):
+        return ops.matmul(scores, ops.transpose(self.matrix)) + self.bias
+
+    def calibrate(self, x, y=None, batch_size=None, sample_weight=None):
+        """Fits `W` and `b` on held-out data with the wrapper's penalties.
+
+        Args:
+            x: inputs, as for `Model.predict()`; or a dataset or iterable
+                of `(x, y)` or `(x, y, sample_weight)` batches, with `y`
+                `None`.
+            y: integer class ids or one-hot labels, when `x` holds inputs.
+            batch_size: batch size for running the wrapped model on arrays.
+            sample_weight: optional per-example weights, when `x` holds
+                inputs.
+
+        Returns:
+            A dict of float64 numpy arrays `{"matrix": W, "bias": b}`, also
+            stored in the wrapper.
+        """
+        scores, labels, weights = self._collect_scores(x, y, sample_weight, batch_size)
+        return self._fit(scores, labels, weights)
+
+    def _fit(self, scores, labels, weights):
+        matrix, bias = fit_matrix_scaling(
+            scores, labels, self.off_diagonal_l2, self.bias_l2, weights
+        )
+        self.matrix.assign(matrix)
+        self.bias.assign(bias)
+        return {"matrix": matrix, "bias": bias}
 
     def get_config(self):
-        return {
-            "model": keras.saving.serialize_keras_object(self.base_model),
-            "from_logits": self.from_logits,
-            "name": self.name,
+        return super().get_config() | {
+            "off_diagonal_l2": self.off_diagonal_l2,
+            "bias_l2": self.bias_l2,
         }
 
-    @classmethod
-    def from_config(cls, config, custom_objects=None):
-        config = dict(config)
-        config["model"] = keras.saving.deserialize_keras_object(
-            config["model"], custom_objects=custom_objects
+
+@export
+class DirichletCalibration(MatrixScaling):
+    """Dirichlet calibration with ODIR: matrix scaling of log-probabilities.
+
+    Calling the wrapper returns `softmax(W log(p) + b)`, where `p` are the
+    wrapped model's probabilities (the softmax of its logits when
+    `from_logits=True`), fitted like `MatrixScaling` with the ODIR penalty
+    `off_diagonal_l2 / (K (K - 1)) * sum_{i != j} W_ij**2 + bias_l2 / K *
+    sum_k b_k**2` added to the mean NLL. It is the model of Kull et al.
+    (2019): the calibrated probabilities are those of a Dirichlet
+    distribution per class, and `W = I`, `b = 0` leaves `p` unchanged.
+
+    `calibrate(..., off_diagonal_l2="cv")` chooses both penalties by k-fold
+    cross-validation over Kull et al.'s grid (see `calibrate()`).
+
+    Args:
+        model: the trained `keras.Model` to calibrate; its output shape must
+            end in the number of classes.
+        off_diagonal_l2: weight of the penalty on the off-diagonal entries
+            of `W`, >= 0.
+        bias_l2: weight of the penalty on `b`, >= 0.
+        from_logits: whether `model` outputs logits (`True`) or
+            probabilities (`False`).
+        name: name of the wrapper model.
+
+    Example:
+
+    ```python
+    scaled = DirichletCalibration(model)
+    fitted = scaled.calibrate(x_val, y_val, off_diagonal_l2="cv")
+    fitted["off_diagonal_l2"], fitted["bias_l2"]  # the chosen penalties
+    probabilities = scaled.predict(x_test)
+    ```
+
+    Reference:
+        - [Kull et al., 2019. Beyond temperature scaling: Obtaining
+          well-calibrated multiclass probabilities with Dirichlet
+          calibration](https://arxiv.org/abs/1910.12656)
+    """
+
+    _log_probability_scores = True
+
+    def __init__(
+        self,
+        model,
+        off_diagonal_l2=1e-2,
+        bias_l2=1e-2,
+        from_logits=True,
+        name=None,
+        **kwargs,
+    ):
+        super().__init__(
+            model,
+            off_diagonal_l2=off_diagonal_l2,
+            bias_l2=bias_l2,
+            from_logits=from_logits,
+            name=name,
+            **kwargs,
         )
-        return cls(**config)
+
+    def calibrate(
+        self,
+        x,
+        y=None,
+        batch_size=None,
+        sample_weight=None,
+        off_diagonal_l2=None,
+        bias_l2=None,
+        grid=None,
+        folds=5,
+        seed=0,
+    ):
+        """Fits `W` and `b` on held-out data, choosing the penalties if asked.
+
+        Args:
+            x: inputs, as for `Model.predict()`; or a dataset or iterable
+                of `(x, y)` or `(x, y, sample_weight)` batches, with `y`
+                `None`.
+            y: integer class ids or one-hot labels, when `x` holds inputs.
+            batch_size: batch size for running the wrapped model on arrays.
+            sample_weight: optional per-example weights, when `x` holds
+                inputs.
+            off_diagonal_l2: `None` keeps the wrapper's penalties; a number
+                sets the off-diagonal penalty (and `bias_l2`, if given);
+                `"cv"` chooses both penalties by `folds`-fold stratified
+                cross-validation on `x`: the pair of `grid` with the lowest
+                held-out NLL, then refits on all of `x` with it.
+            bias_l2: the intercept penalty, with a numeric `off_diagonal_l2`.
+            grid: `(off_diagonal_values, bias_values)` for `"cv"`. Defaults
+                to Kull et al.'s: `off_diagonal_l2` in {0.25, 0.5, 1} x
+                10^i and `bias_l2` in 10^i for i from -5 (-2 with 100 or
+                more classes) to 6.
+            folds: the number of cross-validation folds, >= 2.
+            seed: seed of the random fold assignment.
+
+        Returns:
+            A dict `{"matrix": W, "bias": b, "off_diagonal_l2": ...,
+            "bias_l2": ...}`; `W`, `b` and the penalties are also stored in
+            the wrapper.
+        """
+        if isinstance(off_diagonal_l2, str):
+            if off_diagonal_l2 != "cv":
+                raise ValueError(
+                    "Argument `off_diagonal_l2` must be a number >= 0 or 'cv'. "
+                    f"Received: off_diagonal_l2={off_diagonal_l2!r}"
+                )
+            if bias_l2 is not None:
+                raise ValueError(
+                    "Argument `bias_l2` is chosen with off_diagonal_l2='cv'. "
+                    f"Received: bias_l2={bias_l2!r}"
+                )
+            grid = _check_odir_grid(grid, self.num_classes)
+            folds = _check_folds(folds)
+        else:
+            if grid is not None:
+                raise ValueError(
+                    "Argument `grid` is only used with off_diagonal_l2='cv'. "
+                    f"Received: grid={grid!r}"
+                )
+            if off_diagonal_l2 is not None:
+                self.off_diagonal_l2 = check_non_negative(
+                    "off_diagonal_l2", off_diagonal_l2
+                )
+            if bias_l2 is not None:
+                self.bias_l2 = check_non_negative("bias_l2", bias_l2)
+        scores, labels, weights = self._collect_scores(x, y, sample_weight, batch_size)
+        if off_diagonal_l2 == "cv":
+            self.off_diagonal_l2, self.bias_l2 = choose_odir_penalties(
+                scores, labels, grid, folds, seed, weights
+            )
+        return self._fit(scores, labels, weights) | {
+            "off_diagonal_l2": self.off_diagonal_l2,
+            "bias_l2": self.bias_l2,
+        }
+
+
+def odir_grid(num_classes):
+    """Kull et al.'s grid of ODIR penalties for `num_classes` classes.
+
+    Returns `(off_diagonal_values, bias_values)`: {0.25, 0.5, 1} x 10^i and
+    10^i, for i from -5 (-2 from 100 classes on, as their deep-network
+    experiments did for CIFAR-100) to 6.
+    """
+    start = -2 if num_classes >= 100 else -5
+    powers = [10.0**i for i in range(start, 7)]
+    off_diagonal = sorted(f * p for p in powers for f in (0.25, 0.5, 1.0))
+    return tuple(off_diagonal), tuple(powers)
+
+
+def choose_odir_penalties(scores, labels, grid, folds=5, seed=0, sample_weight=None):
+    """The ODIR penalties of `grid` with the lowest cross-validated NLL.
+
+    Folds are stratified by label and assigned at random (`seed`). For each
+    bias penalty the off-diagonal penalties are visited from the largest
+    down, each fit starting from the previous one's solution (the first from
+    the previous bias penalty's first), and stopping at a 100 times looser
+    tolerance than a final fit: comparing held-out NLLs needs no more. Ties
+    go to the larger penalties.
+
+    Returns:
+        `(off_diagonal_l2, bias_l2)`.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels)
+    weights = _normalised_weights(sample_weight, len(labels))
+    fold_of = _stratified_folds(labels, folds, seed)
+    off_diagonal_values = sorted(grid[0], reverse=True)
+    bias_values = sorted(grid[1], reverse=True)
+    losses = np.zeros((len(bias_values), len(off_diagonal_values)))
+    for fold in range(folds):
+        train, test = fold_of != fold, fold_of == fold
+        if not train.any() or not test.any():
+            continue
+        problem = _MatrixProblem(scores[train], labels[train], weights[train])
+        heldout = _MatrixProblem(scores[test], labels[test], weights[test])
+        path_start = None
+        for i, bias_l2 in enumerate(bias_values):
+            start = path_start
+            for j, off_diagonal_l2 in enumerate(off_diagonal_values):
+                start = problem.fit(
+                    off_diagonal_l2, bias_l2, start=start, ftol=100 * LBFGS_FTOL
+                )
+                path_start = start if j == 0 else path_start
+                # The held-out NLL, weighted like the whole set.
+                losses[i, j] += heldout.nll(*start) * weights[test].sum()
+    i, j = np.unravel_index(np.argmin(losses), losses.shape)
+    return float(off_diagonal_values[j]), float(bias_values[i])
+
+
+@export
+def compare_calibrators(
+    calibration_logits,
+    calibration_labels,
+    test_logits,
+    test_labels,
+    num_bins=15,
+    grid=None,
+):
+    """Fits every calibrator on held-out logits and scores it on test logits.
+
+    The calibrators: none, `TemperatureScaling` (NLL), `VectorScaling`,
+    `MatrixScaling` with ODIR penalties 1e-2, and `DirichletCalibration`
+    with its penalties chosen by 5-fold cross-validation. Each wraps an
+    identity model over the logits, so the logits stand for any classifier's.
+
+    Args:
+        calibration_logits: float array `(N, K)`, the held-out logits.
+        calibration_labels: integer class ids `(N,)`.
+        test_logits: float array `(M, K)`.
+        test_labels: integer class ids `(M,)`.
+        num_bins: bins of the expected calibration error.
+        grid: the ODIR grid for the Dirichlet cross-validation (see
+            `DirichletCalibration.calibrate()`); Kull et al.'s by default.
+
+    Returns:
+        A list of dicts, one per calibrator: `name`, `nll` (mean negative
+        log-likelihood), `ece` (top-label, `num_bins` equal-width bins),
+        `brier` (mean squared error of the probability vector, summed over
+        classes), `accuracy` and `parameters` (what `calibrate()` returned).
+    """
+    calibration_logits = np.asarray(calibration_logits, dtype=np.float32)
+    test_logits = np.asarray(test_logits, dtype=np.float32)
+    test_labels = np.asarray(test_labels).astype(np.int64)
+    num_classes = calibration_logits.shape[-1]
+    model = keras.Sequential(
+        [keras.Input((num_classes,)), keras.layers.Identity()], name="logits"
+    )
+    calibrators = {
+        "temperature scaling": (TemperatureScaling(model), {}),
+        "vector scaling": (VectorScaling(model), {}),
+        "matrix scaling (ODIR 1e-2)": (
+            MatrixScaling(model, off_diagonal_l2=1e-2, bias_l2=1e-2),
+            {},
+        ),
+        "Dirichlet (ODIR, cv)": (
+            DirichletCalibration(model),
+            {"off_diagonal_l2": "cv", "grid": grid},
+        ),
+    }
+    rows = [_scores_row("uncalibrated", _softmax(test_logits), test_labels, num_bins)]
+    for name, (calibrator, options) in calibrators.items():
+        parameters = calibrator.calibrate(
+            calibration_logits, calibration_labels, **options
+        )
+        probs = ops.convert_to_numpy(calibrator(test_logits))
+        row = _scores_row(name, probs, test_labels, num_bins)
+        rows.append(row | {"parameters": parameters})
+    return rows
+
+
+def _scores_row(name, probs, labels, num_bins):
+    probs = np.asarray(probs, dtype=np.float64)
+    rows = np.arange(len(labels))
+    metric = ExpectedCalibrationError(num_bins=num_bins)
+    metric.update_state(labels, probs.astype(np.float32))
+    onehot = np.eye(probs.shape[-1])[labels]
+    return {
+        "name": name,
+        "nll": float(-np.mean(np.log(np.maximum(probs[rows, labels], _TINY)))),
+        "ece": float(metric.result()),
+        "brier": float(np.mean(np.sum((probs - onehot) ** 2, axis=-1))),
+        "accuracy": float(np.mean(probs.argmax(axis=-1) == labels)),
+        "parameters": None,
+    }
+
+
+def _softmax(logits):
+    return np.exp(_log_softmax(np.asarray(logits, dtype=np.float64)))
 
 
 def fit_temperature_nll(logits, labels, sample_weight=None, rtol=1e-8):
@@ -211,7 +705,7 @@ def fit_temperature_nll(logits, labels, sample_weight=None, rtol=1e-8):
         sample_weight: optional non-negative weights `(N,)`.
         rtol: relative tolerance on the temperature.
     """
-    derivatives = _NLLDerivatives(logits, labels, sample_weight)
+    derivatives = _TemperatureProblem(logits, labels, sample_weight)
     lo, hi = 1.0 / MAX_TEMPERATURE, 1.0 / MIN_TEMPERATURE
     unvisited_bounds = {lo, hi}
     s = 1.0
@@ -235,38 +729,29 @@ def fit_temperature_nll(logits, labels, sample_weight=None, rtol=1e-8):
     return float(np.clip(1.0 / s, MIN_TEMPERATURE, MAX_TEMPERATURE))
 
 
-class _NLLDerivatives:
-    """First and second derivative of the mean NLL w.r.t. `s = 1 / T`.
+def fit_vector_scaling(scores, labels, sample_weight=None):
+    """The per-class scale `w` and offset `b` minimising the mean NLL of
+    `softmax(w * scores + b)`, by a damped Newton method.
 
-    The passes over the logits run in float32 (half the memory traffic of
-    float64, and a vectorised `exp`); per-row results, which carry about
-    1e-7 relative error, are combined in float64. That moves the root by
-    about 1e-7 relative, far inside the 1e-4 the fit promises.
+    Returns:
+        `(w, b)`, float64 arrays of shape `(K,)`; `b` has mean 0.
     """
+    return _VectorProblem(scores, labels, sample_weight).fit()
 
-    def __init__(self, logits, labels, sample_weight):
-        logits = np.asarray(logits, dtype=np.float64)
-        # Shifting each row by its maximum leaves the softmax unchanged and
-        # keeps exp(s * z) in (0, 1].
-        shifted = logits - logits.max(axis=-1, keepdims=True)
-        self.label_logit = np.take_along_axis(shifted, labels[:, None], axis=-1)[:, 0]
-        self.shifted = shifted.astype(np.float32)
-        self.weights = _normalised_weights(sample_weight, len(labels))
-        self.buffer = np.empty_like(self.shifted)
 
-    def __call__(self, s):
-        exp = np.multiply(self.shifted, np.float32(s), out=self.buffer)
-        # exp(-80) is still a normal float32: no slow subnormal arithmetic,
-        # and terms that small vanish next to the partition (>= 1) anyway.
-        np.maximum(exp, np.float32(-80.0), out=exp)
-        np.exp(exp, out=exp)
-        partition = exp.sum(axis=-1).astype(np.float64)
-        weighted = np.multiply(exp, self.shifted, out=exp)
-        mean_logit = weighted.sum(axis=-1) / partition
-        mean_square = np.einsum("ij,ij->i", weighted, self.shifted) / partition
-        slope = self.weights @ (mean_logit - self.label_logit)
-        curvature = self.weights @ (mean_square - mean_logit**2)
-        return slope, curvature
+def fit_matrix_scaling(
+    scores, labels, off_diagonal_l2=0.0, bias_l2=0.0, sample_weight=None
+):
+    """The `W`, `b` minimising the mean NLL of `softmax(scores W^T + b)`
+    plus the ODIR penalty (see `MatrixScaling`), by L-BFGS.
+
+    Returns:
+        `(W, b)`, float64 arrays of shapes `(K, K)` and `(K,)`.
+    """
+    off_diagonal_l2 = check_non_negative("off_diagonal_l2", off_diagonal_l2)
+    bias_l2 = check_non_negative("bias_l2", bias_l2)
+    problem = _MatrixProblem(scores, labels, sample_weight)
+    return problem.fit(off_diagonal_l2, bias_l2)
 
 
 def nll(logits, labels, temperature, sample_weight=None):
@@ -314,6 +799,57 @@ def _normalised_weights(sample_weight, num_samples):
     return weights / total
 
 
+def _log_softmax(scores):
+    shifted = scores - scores.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def _num_classes(model):
+    try:
+        shape = tuple(model.output_shape)
+    except (AttributeError, ValueError, TypeError):
+        shape = None
+    if not shape or len(shape) < 2 or not isinstance(shape[-1], int):
+        raise ValueError(
+            "Argument `model` must have a known output shape `(..., K)` with "
+            f"K >= 2 classes. Received: model with output shape {shape}"
+        )
+    if shape[-1] < 2:
+        raise ValueError(
+            "Argument `model` must output at least 2 classes. Received: model "
+            f"with output shape {shape}"
+        )
+    return shape[-1]
+
+
+def _num_examples(x):
+    if isinstance(x, dict):
+        x = next(iter(x.values()), None)
+    elif isinstance(x, (list, tuple)) and x:
+        x = x[0]
+    shape = getattr(x, "shape", None)
+    return shape[0] if shape else None
+
+
+def _check_outputs(outputs):
+    outputs = np.asarray(outputs, dtype=np.float64)
+    if outputs.ndim < 2 or outputs.shape[-1] < 2:
+        raise ValueError(
+            "The wrapped model must output scores of shape `(..., K)` with K "
+            ">= 2, which flatten to a 2-D `(N, K)` array. Received: model "
+            f"outputs of shape {outputs.shape} on `x`"
+        )
+    finite = np.isfinite(outputs)
+    if not finite.all():
+        bad = outputs[~finite]
+        raise ValueError(
+            "Invalid value for argument `x`: the wrapped model's outputs on it "
+            f"must be finite. Received: {bad.size} non-finite outputs "
+            f"(first: {bad[0]}) of {outputs.size}"
+        )
+    return outputs
+
+
 def _flatten_outputs(outputs, labels, weights):
     """Flattens outputs to `(N, K)` and labels to int ids `(N,)`."""
     labels = np.asarray(labels)
@@ -328,11 +864,15 @@ def _flatten_outputs(outputs, labels, weights):
             f"vectors of the model's output shape. Received: y.shape="
             f"{labels.shape}, model output shape={outputs.shape}"
         )
+    if labels.size and not np.all(labels == np.round(labels)):
+        raise ValueError(
+            f"Argument `y` must hold integer class ids. Received: y={labels!r}"
+        )
     labels = labels.reshape(-1).astype(np.int64)
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(
-            f"`y` must hold class ids in [0, {num_classes}). Received ids in "
-            f"[{labels.min()}, {labels.max()}]"
+            f"Argument `y` must hold class ids in [0, {num_classes}). Received "
+            f"ids in [{labels.min()}, {labels.max()}]"
         )
     if weights is not None:
         weights = _broadcast_weights(weights, outputs.shape[:-1])
@@ -366,6 +906,43 @@ def _check_grid(grid):
     return tuple(values)
 
 
+def _check_odir_grid(grid, num_classes):
+    if grid is None:
+        return odir_grid(num_classes)
+    if not isinstance(grid, (tuple, list)) or len(grid) != 2:
+        raise ValueError(
+            "Argument `grid` must be a pair (off_diagonal_values, bias_values). "
+            f"Received: grid={grid!r}"
+        )
+    checked = []
+    for values in grid:
+        values = [check_non_negative("grid", v) for v in np.ravel(values).tolist()]
+        if not values:
+            raise ValueError(
+                f"Argument `grid` must not hold an empty list. Received: grid={grid!r}"
+            )
+        checked.append(tuple(values))
+    return tuple(checked)
+
+
+def _check_folds(folds):
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+        raise ValueError(
+            f"Argument `folds` must be an integer >= 2. Received: folds={folds!r}"
+        )
+    return folds
+
+
+def _stratified_folds(labels, folds, seed):
+    """Fold ids `(N,)`: each class spread evenly over the folds, at random."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(labels))
+    order = order[np.argsort(labels[order], kind="stable")]
+    fold_of = np.empty(len(labels), dtype=np.int64)
+    fold_of[order] = np.arange(len(labels)) % folds
+    return fold_of
+
+
 def _iterate(dataset):
     if hasattr(dataset, "as_numpy_iterator"):
         return dataset.as_numpy_iterator()
@@ -378,3 +955,388 @@ def _iterate(dataset):
             "Argument `x` must be an array, a dataset or an iterable of "
             f"batches. Received: x of type {type(dataset).__name__}"
         ) from None
+
+
+# The fits. Each pass over the scores is a keras.ops function, compiled for
+# the backend (`jax.jit`, a `tf.function` graph; eager PyTorch, whose big
+# kernels gain little from compiling) and run where the backend runs, in
+# float32. What comes back is small: per-row losses, which are summed in
+# float64 on the host so that the objective resolves changes far below
+# float32's precision, and K- or K x K-sized derivatives. The optimisers
+# (Newton, L-BFGS) work on those in float64 on the host.
+
+
+def _log_softmax_ops(logits):
+    # Spelt out: PyTorch's fused log_softmax waits on its thread pool, which
+    # on a busy machine costs milliseconds even for small inputs.
+    shifted = logits - ops.max(logits, axis=-1, keepdims=True)
+    return shifted - ops.log(ops.sum(ops.exp(shifted), axis=-1, keepdims=True))
+
+
+def _temperature_pass(shifted, scale):
+    scaled = ops.maximum(shifted * scale, -80.0)
+    exp = ops.exp(scaled)
+    partition = ops.sum(exp, axis=-1)
+    weighted = exp * shifted
+    mean = ops.sum(weighted, axis=-1) / partition
+    mean_square = ops.sum(weighted * shifted, axis=-1) / partition
+    return mean, mean_square
+
+
+def _vector_pass(scores, onehot, weights, scale, bias):
+    log_probs = _log_softmax_ops(scores * scale + bias)
+    row_loss = -ops.sum(onehot * log_probs, axis=-1)
+    probs = ops.exp(log_probs)
+    weighted_probs = probs * weights[:, None]
+    residual = weighted_probs - onehot * weights[:, None]
+    weighted_products = weighted_probs * scores
+    products = probs * scores
+    gradient = ops.stack(
+        [ops.sum(residual * scores, axis=0), ops.sum(residual, axis=0)]
+    )
+    hessian = ops.stack(
+        [
+            ops.diag(ops.sum(weighted_products * scores, axis=0))
+            - ops.matmul(ops.transpose(weighted_products), products),
+            ops.diag(ops.sum(weighted_products, axis=0))
+            - ops.matmul(ops.transpose(weighted_products), probs),
+            ops.diag(ops.sum(weighted_probs, axis=0))
+            - ops.matmul(ops.transpose(weighted_probs), probs),
+        ]
+    )
+    return row_loss, gradient, hessian
+
+
+def _matrix_pass(scores, onehot, weights, matrix, bias):
+    logits = ops.matmul(scores, ops.transpose(matrix)) + bias
+    log_probs = _log_softmax_ops(logits)
+    row_loss = -ops.sum(onehot * log_probs, axis=-1)
+    residual = (ops.exp(log_probs) - onehot) * weights[:, None]
+    gradient_matrix = ops.matmul(ops.transpose(residual), scores)
+    return row_loss, gradient_matrix, ops.sum(residual, axis=0)
+
+
+def _matrix_loss_pass(scores, onehot, matrix, bias):
+    logits = ops.matmul(scores, ops.transpose(matrix)) + bias
+    return -ops.sum(onehot * _log_softmax_ops(logits), axis=-1)
+
+
+def _second_moment_pass(scores, weights):
+    features = ops.pad(scores, [[0, 0], [0, 1]], constant_values=1.0)
+    return ops.matmul(ops.transpose(features * weights[:, None]), features)
+
+
+def _whiten_pass(scores, inverse_factor):
+    features = ops.pad(scores, [[0, 0], [0, 1]], constant_values=1.0)
+    return ops.matmul(features, ops.transpose(inverse_factor))
+
+
+_COMPILED = {}
+
+
+def _compiled(function):
+    """`function` compiled for the current backend, once per process."""
+    key = (keras.backend.backend(), function)
+    if key not in _COMPILED:
+        _COMPILED[key] = _compile(function)
+    return _COMPILED[key]
+
+
+def _compile(function):
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return jax.jit(function)
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        # A graph without XLA: cross-validation meets a new shape per fold,
+        # and an XLA compilation for each costs more than the fusion gains.
+        return tf.function(function, reduce_retracing=True)
+    if backend == "torch":
+        import torch
+
+        def run(*args):
+            with torch.no_grad():
+                return function(*args)
+
+        return run
+    return function
+
+
+def _to_numpy(tensor):
+    return np.asarray(ops.convert_to_numpy(tensor), dtype=np.float64)
+
+
+def _float32(array):
+    return ops.convert_to_tensor(np.asarray(array, dtype=np.float32))
+
+
+class _TemperatureProblem:
+    """First and second derivative of the mean NLL w.r.t. `s = 1 / T`.
+
+    The passes over the logits run in float32 on the backend; per-row
+    results, which carry about 1e-7 relative error, are combined in
+    float64. That moves the root by about 1e-7 relative.
+    """
+
+    def __init__(self, logits, labels, sample_weight):
+        logits = np.asarray(logits, dtype=np.float64)
+        labels = np.asarray(labels)
+        # Shifting each row by its maximum leaves the softmax unchanged and
+        # keeps exp(s * z) in (0, 1].
+        shifted = logits - logits.max(axis=-1, keepdims=True)
+        self.label_score = np.take_along_axis(shifted, labels[:, None], axis=-1)[:, 0]
+        self.shifted = _float32(shifted)
+        self.weights = _normalised_weights(sample_weight, len(labels))
+        self.run = _compiled(_temperature_pass)
+
+    def __call__(self, s):
+        mean, mean_square = map(_to_numpy, self.run(self.shifted, np.float32(s)))
+        slope = _dot(self.weights, mean - self.label_score)
+        curvature = _dot(self.weights, mean_square - mean**2)
+        return slope, curvature
+
+
+# Vector scaling fits on more rows than this start from a fit on every
+# COARSE_STRIDE-th row (itself started the same way): most of the way to the
+# optimum at a fraction of the cost, leaving the Newton passes over all rows
+# a few final steps. (Not so for matrix scaling: with K (K + 1) parameters a
+# fit on a quarter of the rows lands too far from the full optimum to pay.)
+COARSE_MIN_ROWS = 20_000
+COARSE_STRIDE = 4
+
+
+class _Problem:
+    """Scores, one-hot labels and weights on the backend's device."""
+
+    def __init__(self, scores, labels, sample_weight):
+        scores = np.asarray(scores, dtype=np.float64)
+        labels = np.asarray(labels)
+        self.num_classes = scores.shape[-1]
+        self.weights = _normalised_weights(sample_weight, len(labels))
+        self.scores = _float32(scores)
+        self.onehot = ops.one_hot(
+            ops.convert_to_tensor(labels.astype(np.int32)),
+            self.num_classes,
+            dtype="float32",
+        )
+        self.device_weights = _float32(self.weights)
+        self.host_data = scores, labels
+
+    def coarse(self):
+        """The same problem on every COARSE_STRIDE-th row, or None."""
+        scores, labels = self.host_data
+        if len(labels) < COARSE_MIN_ROWS:
+            return None
+        rows = slice(None, None, COARSE_STRIDE)
+        weights = self.weights[rows]
+        if not weights.sum() > 0:
+            return None
+        return type(self)(scores[rows], labels[rows], weights)
+
+
+class _VectorProblem(_Problem):
+    def objective(self, parameters):
+        """Mean NLL, its gradient and Hessian w.r.t. `(scale, bias)`."""
+        k = self.num_classes
+        row_loss, gradient, hessian = self.run(
+            self.scores,
+            self.onehot,
+            self.device_weights,
+            _float32(parameters[:k]),
+            _float32(parameters[k:]),
+        )
+        h_ss, h_sb, h_bb = _to_numpy(hessian)
+        hessian = np.block([[h_ss, h_sb], [h_sb.T, h_bb]])
+        return (
+            _dot(self.weights, _to_numpy(row_loss)),
+            _to_numpy(gradient).ravel(),
+            hessian,
+        )
+
+    def fit(self):
+        self.run = _compiled(_vector_pass)
+        k = self.num_classes
+        coarse = self.coarse()
+        if coarse is None:
+            start = np.concatenate([np.ones(k), np.zeros(k)])
+        else:
+            start = np.concatenate(coarse.fit())
+        parameters = _minimize_newton(self.objective, start)
+        scale, bias = parameters[:k], parameters[k:]
+        return scale, bias - bias.mean()
+
+
+class _MatrixProblem(_Problem):
+    """The ODIR-penalised NLL of matrix scaling, in whitened coordinates.
+
+    With `x = (z, 1)` and `C = sum_n w_n x_n x_n^T = L L^T`, the logits are
+    `[W b] x = V (L^-1 x)`: L-BFGS works on `V = [W b] L` over the whitened
+    features `L^-1 x`, in which the NLL's curvature is far more even than
+    over raw logits or log-probabilities (strongly correlated, and offset
+    by a common log-normaliser), so it needs several times fewer passes.
+    """
+
+    def __init__(self, scores, labels, sample_weight):
+        super().__init__(scores, labels, sample_weight)
+        second_moment = _to_numpy(
+            _compiled(_second_moment_pass)(self.scores, self.device_weights)
+        )
+        k = self.num_classes + 1
+        # A ridge keeps the factor finite for constant or collinear scores.
+        ridge = 1e-6 * np.trace(second_moment) / k
+        self.factor = np.linalg.cholesky(second_moment + ridge * np.eye(k))
+        self.inverse_factor = np.linalg.inv(self.factor)
+        self.features = _compiled(_whiten_pass)(
+            self.scores, _float32(self.inverse_factor)
+        )
+
+    def objective(self, parameters, off_diagonal_l2, bias_l2):
+        """Penalised mean NLL and its gradient w.r.t. the whitened `V`."""
+        k = self.num_classes
+        whitened = parameters.reshape(k, k + 1)
+        row_loss, gradient, _ = _compiled(_matrix_pass)(
+            self.features,
+            self.onehot,
+            self.device_weights,
+            _float32(whitened),
+            _float32(np.zeros(k)),
+        )
+        affine = _matmul(whitened, self.inverse_factor)
+        penalty, penalty_gradient = _odir_penalty(affine, off_diagonal_l2, bias_l2)
+        value = _dot(self.weights, _to_numpy(row_loss)) + penalty
+        gradient = _to_numpy(gradient) + _matmul(
+            penalty_gradient, self.inverse_factor.T
+        )
+        return value, gradient.ravel()
+
+    def nll(self, matrix, bias):
+        """The unpenalised mean NLL at `(W, b)`."""
+        row_loss = _compiled(_matrix_loss_pass)(
+            self.scores, self.onehot, _float32(matrix), _float32(bias)
+        )
+        return float(_dot(self.weights, _to_numpy(row_loss)))
+
+    def fit(self, off_diagonal_l2, bias_l2, start=None, ftol=None):
+        k = self.num_classes
+        if start is None:
+            # Temperature scaling's fit, W = I / T, is a cheap start that
+            # saves L-BFGS a fifth of its passes.
+            scores, labels = self.host_data
+            temperature = fit_temperature_nll(scores, labels, self.weights)
+            start = (np.eye(k) / temperature, np.zeros(k))
+        affine = np.concatenate([start[0], np.reshape(start[1], (k, 1))], axis=1)
+        parameters = _minimize_lbfgs(
+            lambda v: self.objective(v, off_diagonal_l2, bias_l2),
+            _matmul(affine, self.factor).ravel(),
+            ftol=LBFGS_FTOL if ftol is None else ftol,
+        )
+        affine = _matmul(parameters.reshape(k, k + 1), self.inverse_factor)
+        return affine[:, :k], affine[:, k]
+
+
+def _odir_penalty(affine, off_diagonal_l2, bias_l2):
+    """Kull et al.'s normalised ODIR penalty of `[W b]` and its gradient."""
+    k = len(affine)
+    coefficients = np.full(affine.shape, off_diagonal_l2 / (k * (k - 1)))
+    coefficients[np.diag_indices(k)] = 0.0
+    coefficients[:, k] = bias_l2 / k
+    return np.sum(coefficients * affine**2), 2 * coefficients * affine
+
+
+# Newton stops once the decrement g^T H^+ g / 2, which estimates how far the
+# objective is above its minimum, falls below NEWTON_TOLERANCE, after taking
+# that last full step (which, Newton converging quadratically, leaves it far
+# lower). The objective's float32 passes resolve it to about 1e-9.
+NEWTON_TOLERANCE = 1e-8
+# L-BFGS stops when the largest gradient entry falls below LBFGS_GTOL or an
+# iteration lowers the objective by less than LBFGS_FTOL (relative).
+LBFGS_GTOL = 1e-6
+LBFGS_FTOL = 1e-9
+_ARMIJO = 1e-4
+
+
+def _minimize_newton(objective, x, max_iterations=100):
+    """Damped Newton with backtracking for a convex `objective(x) -> (f, g, H)`.
+
+    The step solves `H d = -g` by least squares, which ignores directions
+    in which the objective is flat (shifting every offset by a constant).
+    """
+    f, g, h = objective(x)
+    for _ in range(max_iterations):
+        step = -np.linalg.lstsq(h, g, rcond=1e-12)[0]
+        decrement = -_dot(g, step)
+        if not decrement > 0:
+            break
+        if decrement / 2 <= NEWTON_TOLERANCE:
+            return x + step
+        t = 1.0
+        while t > 1e-6:
+            f_new, g_new, h_new = objective(x + t * step)
+            if f_new <= f - _ARMIJO * t * decrement:
+                break
+            t /= 4
+        else:
+            break  # No decrease within the precision of the objective.
+        x, f, g, h = x + t * step, f_new, g_new, h_new
+    return x
+
+
+def _minimize_lbfgs(objective, x, ftol=LBFGS_FTOL, memory=10, max_iterations=2000):
+    """L-BFGS with backtracking for a convex `objective(x) -> (f, g)`."""
+    f, g = objective(x)
+    steps, changes = [], []
+    for _ in range(max_iterations):
+        if np.max(np.abs(g)) <= LBFGS_GTOL:
+            break
+        direction = -_two_loop(g, steps, changes)
+        slope = _dot(g, direction)
+        if not slope < 0:
+            steps, changes = [], []
+            direction, slope = -g, -_dot(g, g)
+        t = 1.0 if steps else min(1.0, 1.0 / np.max(np.abs(g)))
+        while t > 1e-10:
+            f_new, g_new = objective(x + t * direction)
+            if f_new <= f + _ARMIJO * t * slope:
+                break
+            t /= 2
+        else:
+            break  # No decrease within the precision of the objective.
+        step, change = t * direction, g_new - g
+        if _dot(step, change) > 1e-12 * _dot(change, change):
+            steps, changes = (steps + [step])[-memory:], (changes + [change])[-memory:]
+        decrease = f - f_new
+        x, f, g = x + step, f_new, g_new
+        if decrease <= ftol * max(1.0, abs(f)):
+            break
+    return x
+
+
+def _two_loop(gradient, steps, changes):
+    """The L-BFGS approximation of the inverse Hessian times `gradient`."""
+    q = gradient.copy()
+    alphas = []
+    for s, y in zip(reversed(steps), reversed(changes), strict=True):
+        alpha = _dot(s, q) / _dot(s, y)
+        q -= alpha * y
+        alphas.append(alpha)
+    if steps:
+        q *= _dot(steps[-1], changes[-1]) / _dot(changes[-1], changes[-1])
+    for (s, y), alpha in zip(
+        zip(steps, changes, strict=True), reversed(alphas), strict=True
+    ):
+        beta = _dot(y, q) / _dot(s, y)
+        q += (alpha - beta) * s
+    return q
+
+
+def _dot(a, b):
+    # Not `a @ b`: BLAS's threads, spinning on a busy machine, can make a
+    # 10^4-element dot product take tens of milliseconds.
+    return float(np.einsum("i,i->", a, b))
+
+
+def _matmul(a, b):
+    return np.einsum("ij,jk->ik", a, b)

@@ -1,5 +1,7 @@
 """TemperatureScaling: the fit, the calibrated outputs and serialisation."""
 
+import math
+
 import ece_reference as reference
 import keras
 import numpy as np
@@ -21,6 +23,55 @@ def calibrated_logits(num_samples=40_000, seed=0, scale=2.0):
     cumulative = reference.softmax(logits).cumsum(axis=-1)
     labels = (cumulative > rng.random(num_samples)[:, None]).argmax(axis=-1)
     return logits, labels
+
+
+def numpy_temperature_fit(logits, labels, sample_weight=None, rtol=1e-8):
+    """The package's former fit, in numpy: the reference the compiled fit
+    must agree with to 1e-6 relative.
+
+    A Newton iteration on the derivative of the NLL in `s = 1 / T`, kept
+    inside a shrinking bracket over T in [0.01, 100]; per-row passes in
+    float32, combined in float64.
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    shifted64 = logits - logits.max(axis=-1, keepdims=True)
+    label_logit = np.take_along_axis(shifted64, labels[:, None], axis=-1)[:, 0]
+    shifted = shifted64.astype(np.float32)
+    if sample_weight is None:
+        weights = np.full(len(labels), 1.0 / len(labels))
+    else:
+        weights = np.asarray(sample_weight, np.float64) / np.sum(sample_weight)
+
+    def derivatives(s):
+        exp = np.exp(np.maximum(shifted * np.float32(s), np.float32(-80.0)))
+        partition = exp.sum(axis=-1).astype(np.float64)
+        weighted = exp * shifted
+        mean_logit = weighted.sum(axis=-1) / partition
+        mean_square = np.einsum("ij,ij->i", weighted, shifted) / partition
+        slope = weights @ (mean_logit - label_logit)
+        return slope, weights @ (mean_square - mean_logit**2)
+
+    lo, hi = 1e-2, 1e2
+    unvisited_bounds = {lo, hi}
+    s = 1.0
+    for _ in range(200):
+        unvisited_bounds.discard(s)
+        slope, curvature = derivatives(s)
+        if slope > 0:
+            hi = s
+        elif slope < 0:
+            lo = s
+        if slope == 0 or hi - lo <= rtol * lo:
+            break
+        s_new = s - slope / curvature if curvature > 0 else math.inf
+        if not lo < s_new < hi:
+            bound = lo if s_new <= lo else hi
+            s_new = bound if bound in unvisited_bounds else math.sqrt(lo * hi)
+        converged = abs(s_new - s) <= rtol * s
+        s = s_new
+        if converged:
+            break
+    return float(np.clip(1.0 / s, 1e-2, 1e2))
 
 
 def identity_model(num_classes=NUM_CLASSES):
@@ -56,6 +107,42 @@ def test_nll_fit_is_the_exact_minimum():
     )
     assert fitted == pytest.approx(np.exp(found.x), rel=1e-4)
     assert nll(logits, labels, fitted) <= found.fun + 1e-12
+
+
+@pytest.mark.parametrize(
+    "multiple, num_samples, num_classes, weighted",
+    [
+        (1.0, 100_000, 10, False),
+        (0.4, 20_000, 100, False),
+        (3.0, 20_000, 3, True),
+        (1e3, 500, 4, False),
+        (1e-3, 500, 4, False),
+    ],
+)
+def test_compiled_fit_agrees_with_the_numpy_fit(
+    multiple, num_samples, num_classes, weighted
+):
+    rng = np.random.default_rng(int(100 * multiple) + num_classes)
+    logits = 2.0 * rng.standard_normal((num_samples, num_classes))
+    cumulative = reference.softmax(logits).cumsum(axis=-1)
+    labels = (cumulative > rng.random(num_samples)[:, None]).argmax(axis=-1)
+    logits = (multiple * logits).astype(np.float32)
+    weights = rng.random(num_samples) if weighted else None
+    expected = numpy_temperature_fit(logits, labels, weights)
+    fitted = fit_temperature_nll(logits, labels, weights)
+    assert fitted == pytest.approx(expected, rel=1e-6)
+
+
+def test_non_finite_outputs_are_an_error_not_temperature_one():
+    logits, labels = calibrated_logits(num_samples=200)
+    logits = logits.astype(np.float32)
+    logits[3, 4] = np.nan
+    scaled = TemperatureScaling(identity_model())
+    with pytest.raises(ValueError, match=r"`x`.*finite.*1 non-finite.*nan"):
+        scaled.calibrate(logits, labels)
+    with pytest.raises(ValueError, match=r"`x`.*finite"):
+        scaled.calibrate(logits, labels, method="ece_grid")
+    assert scaled.temperature == 1.0
 
 
 def test_weighted_fit_equals_repeated_samples():
