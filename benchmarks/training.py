@@ -15,6 +15,8 @@ from benchmarks import data
 from benchmarks import models
 from benchmarks import plan
 from benchmarks import protocol
+from keras_label_relax import BrierScore
+from keras_label_relax import ClasswiseCalibrationError
 from keras_label_relax import ExpectedCalibrationError
 from keras_label_relax import losses as library_losses
 
@@ -98,25 +100,18 @@ class StepDecay(keras.optimizers.schedules.LearningRateSchedule):
         }
 
 
-def brier_score(y_true, y_pred):
-    """Multi-class Brier score of logits: sum_k (p_k - [y = k])^2."""
-    probs = ops.softmax(y_pred, axis=-1)
-    labels = ops.cast(ops.reshape(y_true, (-1,)), "int32")
-    one_hot = ops.one_hot(labels, ops.shape(y_pred)[-1], dtype=probs.dtype)
-    return ops.sum(ops.square(probs - one_hot), axis=-1)
-
-
 def make_metrics():
-    """Accuracy, 15-bin ECE, NLL and Brier score, all on logits."""
+    """Accuracy, 15-bin ECE, NLL, Brier score and classwise ECE, on logits."""
     return [
         keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
         ExpectedCalibrationError(from_logits=True, name="ece"),
         keras.metrics.SparseCategoricalCrossentropy(from_logits=True, name="nll"),
-        keras.metrics.MeanMetricWrapper(brier_score, name="brier"),
+        BrierScore(from_logits=True, name="brier"),
+        ClasswiseCalibrationError(from_logits=True, name="classwise_ece"),
     ]
 
 
-METRIC_NAMES = ("accuracy", "ece", "nll", "brier")
+METRIC_NAMES = ("accuracy", "ece", "nll", "brier", "classwise_ece")
 
 
 def score_logits(logits, labels):
