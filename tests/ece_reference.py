@@ -57,7 +57,7 @@ def calibration_error(labels, probs, num_bins=15, norm="l1", sample_weight=None)
 
 
 def protocol_check_data(num_samples=10**6, num_classes=10, seed=0):
-    """The data of PROTOCOL.md's ECE check value (0.56067 for 10 classes).
+    """Data with a known float64 ECE (0.56067 for 10 classes, 15 bins).
 
     Logits are 3 * N(0, 1) and labels uniform, drawn from
     `np.random.default_rng(seed)` in that order.

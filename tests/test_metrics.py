@@ -218,7 +218,8 @@ def compiled_update(metric):
 
 
 def test_protocol_check_value_to_1e5_over_a_million_samples_in_batches():
-    """PROTOCOL.md: K = 10, N = 1e6, float64 ECE 0.56067; batches of 1000."""
+    """A known value: K = 10, N = 1e6, logits 3 * N(0, 1), uniform labels
+    (seed 0) give a float64 ECE of 0.56067; fed in batches of 1000."""
     logits, labels = reference.protocol_check_data(10**6, 10)
     probs = reference.softmax(logits).astype(np.float32)
     expected = reference.calibration_error(labels, probs, 15)
