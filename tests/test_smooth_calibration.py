@@ -362,6 +362,8 @@ def test_empty_batch_is_a_no_op_and_empty_metric_is_zero():
     assert float(metric.result()) == before
     metric.reset_state()
     assert float(metric.result()) == 0.0
+    empty = smooth_calibration_error(np.zeros((0,), np.int32), np.zeros((0, 3)))
+    assert float(empty) == 0.0
 
 
 def test_reliability_curve():
@@ -536,3 +538,49 @@ def test_jax_data_parallel_over_four_devices():
     parallel = result["parallel"]["smooth_ece"]
     assert parallel == pytest.approx(result["single"]["smooth_ece"], abs=1e-6)
     assert parallel == pytest.approx(expected, abs=1e-5)
+
+
+TF_SCRIPT = """
+import json
+import keras
+import numpy as np
+from keras_label_relax import SmoothCalibrationError
+
+rng = np.random.default_rng(0)
+x = rng.standard_normal((512, 4)).astype("float32")
+y = rng.integers(0, 3, 512)
+weights = rng.uniform(0, 2, 512).astype("float32")
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+with strategy.scope():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    model.compile(
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        weighted_metrics=[SmoothCalibrationError(from_logits=True, bandwidth=0.05)],
+    )
+parallel = model.evaluate(
+    x, y, sample_weight=weights, batch_size=64, verbose=0, return_dict=True
+)
+logits = keras.ops.convert_to_numpy(model(x)).tolist()
+print("RESULT " + json.dumps(
+    {"parallel": parallel, "logits": logits, "replicas": strategy.num_replicas_in_sync}
+))
+"""
+
+
+@pytest.mark.skipif(
+    BACKEND != "tensorflow", reason="runs once, from the TensorFlow test session"
+)
+def test_tensorflow_mirrored_strategy_over_two_cpus():
+    result = distributed.run_script("tensorflow", distributed.TF_SETUP + TF_SCRIPT)
+    assert result["replicas"] == 2
+    rng = np.random.default_rng(0)
+    rng.standard_normal((512, 4))
+    labels = rng.integers(0, 3, 512)
+    weights = rng.uniform(0, 2, 512).astype(np.float32)
+    expected, _ = reference(
+        *top_label(labels, softmax(np.array(result["logits"], np.float32))),
+        weight=weights,
+        bandwidth=0.05,
+    )
+    assert result["parallel"]["smooth_ece"] == pytest.approx(expected, abs=1e-5)
