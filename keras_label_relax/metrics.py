@@ -1272,6 +1272,8 @@ def smooth_calibration_error(
     dtype = keras.backend.standardize_dtype(y_pred.dtype)
     if dtype != "float64":
         dtype = "float32"
+    if _is_empty(y_pred):
+        return ops.zeros((), dtype)
     histogram = _smooth_batch_histogram(
         y_true, y_pred, sample_weight, from_logits, dtype
     )
@@ -1321,7 +1323,7 @@ class SmoothCalibrationError(keras.metrics.Metric):
     under `tf.distribute` or JAX data parallelism. A `sample_weight` counts
     as that many repetitions of the prediction (the value does not change
     when all weights are scaled). `result()` smooths the histogram with a
-    fast Fourier transform at each of the 12 bandwidths of the search, in
+    fast Fourier transform at each of the 11 bandwidths the search tries, in
     `keras.ops` (so it also runs inside compiled steps); it is 0.0 before
     any update.
 

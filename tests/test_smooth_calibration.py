@@ -192,8 +192,10 @@ confidence = rng.random(300)
 outcome = (rng.random(300) < confidence ** 2) * 1.0
 metric = SmoothCalibrationError(dtype="float64")
 metric.accumulate(confidence, outcome)
+# Compiled: one compilation instead of one per operation in eager JAX.
+value = jax.jit(metric.stateless_result)([v.value for v in metric.variables])
 print("RESULT " + json.dumps({
-    "value": float(metric.result()),
+    "value": float(value),
     "dtype": str(metric.histogram.value.dtype),
     "confidence": confidence.tolist(),
     "outcome": outcome.tolist(),
@@ -360,6 +362,8 @@ def test_empty_batch_is_a_no_op_and_empty_metric_is_zero():
     assert float(metric.result()) == before
     metric.reset_state()
     assert float(metric.result()) == 0.0
+    empty = smooth_calibration_error(np.zeros((0,), np.int32), np.zeros((0, 3)))
+    assert float(empty) == 0.0
 
 
 def test_reliability_curve():
@@ -484,7 +488,9 @@ def build():
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
     model.compile(
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        weighted_metrics=[SmoothCalibrationError(from_logits=True)],
+        # A fixed bandwidth: what is shared across devices is the histogram
+        # (the bandwidth search compiles in the other tests).
+        weighted_metrics=[SmoothCalibrationError(from_logits=True, bandwidth=0.05)],
     )
     return model
 
@@ -496,7 +502,7 @@ weights = rng.uniform(0, 2, 512).astype("float32")
 single_model = build()
 logits = single_model(x)
 # The single-device value, eagerly.
-metric = SmoothCalibrationError(from_logits=True)
+metric = SmoothCalibrationError(from_logits=True, bandwidth=0.05)
 metric.update_state(y, logits, weights)
 single = {"smooth_ece": float(metric.result())}
 logits = keras.ops.convert_to_numpy(logits).tolist()
@@ -527,7 +533,54 @@ def test_jax_data_parallel_over_four_devices():
     expected, _ = reference(
         *top_label(labels, softmax(np.array(result["logits"], np.float32))),
         weight=weights,
+        bandwidth=0.05,
     )
     parallel = result["parallel"]["smooth_ece"]
     assert parallel == pytest.approx(result["single"]["smooth_ece"], abs=1e-6)
     assert parallel == pytest.approx(expected, abs=1e-5)
+
+
+TF_SCRIPT = """
+import json
+import keras
+import numpy as np
+from keras_label_relax import SmoothCalibrationError
+
+rng = np.random.default_rng(0)
+x = rng.standard_normal((512, 4)).astype("float32")
+y = rng.integers(0, 3, 512)
+weights = rng.uniform(0, 2, 512).astype("float32")
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+with strategy.scope():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    model.compile(
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        weighted_metrics=[SmoothCalibrationError(from_logits=True, bandwidth=0.05)],
+    )
+parallel = model.evaluate(
+    x, y, sample_weight=weights, batch_size=64, verbose=0, return_dict=True
+)
+logits = keras.ops.convert_to_numpy(model(x)).tolist()
+print("RESULT " + json.dumps(
+    {"parallel": parallel, "logits": logits, "replicas": strategy.num_replicas_in_sync}
+))
+"""
+
+
+@pytest.mark.skipif(
+    BACKEND != "tensorflow", reason="runs once, from the TensorFlow test session"
+)
+def test_tensorflow_mirrored_strategy_over_two_cpus():
+    result = distributed.run_script("tensorflow", distributed.TF_SETUP + TF_SCRIPT)
+    assert result["replicas"] == 2
+    rng = np.random.default_rng(0)
+    rng.standard_normal((512, 4))
+    labels = rng.integers(0, 3, 512)
+    weights = rng.uniform(0, 2, 512).astype(np.float32)
+    expected, _ = reference(
+        *top_label(labels, softmax(np.array(result["logits"], np.float32))),
+        weight=weights,
+        bandwidth=0.05,
+    )
+    assert result["parallel"]["smooth_ece"] == pytest.approx(expected, abs=1e-5)
