@@ -54,6 +54,11 @@ meaningless value. `validate_args=False` skips the checks. An empty batch
 leaves the state unchanged."""
 
 
+def _with_value_checks_note(docstring):
+    note = _VALUE_CHECKS_NOTE.replace("\n", "\n    ")
+    return docstring.replace("    {checks}", "\n    " + note)
+
+
 class _SumsMetric(keras.metrics.Metric):
     """A metric whose state is sums, added with Kahan compensation.
 
@@ -313,8 +318,8 @@ class ExpectedCalibrationError(_SumsMetric):
         }
 
 
-ExpectedCalibrationError.__doc__ = ExpectedCalibrationError.__doc__.replace(
-    "{checks}", "\n    " + _VALUE_CHECKS_NOTE.replace("\n", "\n    ")
+ExpectedCalibrationError.__doc__ = _with_value_checks_note(
+    ExpectedCalibrationError.__doc__
 )
 
 
@@ -408,8 +413,8 @@ class ClasswiseCalibrationError(_SumsMetric):
         }
 
 
-ClasswiseCalibrationError.__doc__ = ClasswiseCalibrationError.__doc__.replace(
-    "{checks}", "\n    " + _VALUE_CHECKS_NOTE.replace("\n", "\n    ")
+ClasswiseCalibrationError.__doc__ = _with_value_checks_note(
+    ClasswiseCalibrationError.__doc__
 )
 
 
@@ -524,9 +529,7 @@ class BrierScore(_SumsMetric):
         }
 
 
-BrierScore.__doc__ = BrierScore.__doc__.replace(
-    "{checks}", "\n    " + _VALUE_CHECKS_NOTE.replace("\n", "\n    ")
-)
+BrierScore.__doc__ = _with_value_checks_note(BrierScore.__doc__)
 
 _DECOMPOSITION_KEYS = (
     "brier",

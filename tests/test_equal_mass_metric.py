@@ -168,8 +168,10 @@ def test_netcal_agrees_when_bins_hold_whole_predictions(netcal_ece):
     theirs = netcal_ece(bins=10, equal_intervals=False).measure(probs, labels)
     exact = reference.equal_mass_calibration_error(labels, probs, 10)
     assert theirs == pytest.approx(exact, abs=1e-12)
+    # 1000 predictions are the fine histogram's hardest case (one prediction
+    # on the wrong side of an edge moves "l1" by 1e-3): see the docstring.
     ours = expected_calibration_error(labels, probs, 10, binning="equal_mass")
-    assert float(ours) == pytest.approx(exact, abs=BOUND)
+    assert float(ours) == pytest.approx(exact, abs=2 * BOUND)
 
 
 def test_netcal_differs_where_an_edge_cuts_a_prediction(netcal_ece):
