@@ -447,7 +447,6 @@ def test_compare_calibrators_scores_each_fit_on_the_test_logits():
 @pytest.mark.parametrize("cls", CALIBRATORS[1:], ids=lambda cls: cls.__name__)
 def test_save_and_load_keep_parameters_and_outputs(cls, tmp_path):
     logits, labels = miscalibrated(800, 4, seed=15)
-    keras.utils.set_random_seed(1)
     base = keras.Sequential([keras.Input((4,)), keras.layers.Dense(4)])
     kwargs = {} if cls is VectorScaling else {"off_diagonal_l2": 0.3, "bias_l2": 0.2}
     scaled = cls(base, name="calibrated", **kwargs)

@@ -133,6 +133,21 @@ def test_compiled_fit_agrees_with_the_numpy_fit(
     assert fitted == pytest.approx(expected, rel=1e-6)
 
 
+def test_agrees_with_netcal():
+    # netcal fits the multiplier 1 / T of the log-probabilities by maximum
+    # likelihood (installed with --no-deps, beside its pyro and gpytorch).
+    netcal_scaling = pytest.importorskip("netcal.scaling")
+    logits, labels = calibrated_logits(num_samples=5000, seed=12, scale=1.0)
+    logits = 1.7 * logits
+    probs = reference.softmax(logits)
+    theirs = netcal_scaling.TemperatureScaling(method="mle")
+    theirs.fit(probs, labels, tensorboard=False)
+    their_temperature = 1.0 / float(np.ravel(theirs.temperature)[0])
+    ours = fit_temperature_nll(logits.astype(np.float32), labels)
+    assert ours == pytest.approx(their_temperature, rel=1e-4)
+    assert nll(logits, labels, ours) <= nll(logits, labels, their_temperature) + 1e-9
+
+
 def test_non_finite_outputs_are_an_error_not_temperature_one():
     logits, labels = calibrated_logits(num_samples=200)
     logits = logits.astype(np.float32)
