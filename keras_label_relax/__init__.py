@@ -1,6 +1,7 @@
 """Calibration-aware losses, metrics and calibrators for Keras 3."""
 
 from keras_label_relax import calibration
+from keras_label_relax import callbacks
 from keras_label_relax import losses
 from keras_label_relax import metrics
 from keras_label_relax import plotting
@@ -12,7 +13,7 @@ __version__ = "0.1.0"
 globals().update(
     {
         name: getattr(module, name)
-        for module in (calibration, losses, metrics, plotting)
+        for module in (calibration, callbacks, losses, metrics, plotting)
         for name in PUBLIC_NAMES
         if hasattr(module, name)
     }

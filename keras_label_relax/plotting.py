@@ -16,8 +16,6 @@ from keras_label_relax.metrics import _smooth_histogram
 from keras_label_relax.metrics import _smooth_on_grid
 from keras_label_relax.metrics import _top_label
 
-DEFAULT_BINNING = "equal_width"
-
 
 @export
 def plot_reliability_diagram(
@@ -27,7 +25,7 @@ def plot_reliability_diagram(
     from_logits=False,
     ax=None,
     sample_weight=None,
-    binning=DEFAULT_BINNING,
+    binning="equal_width",
     show_histogram=True,
 ):
     """Draws accuracy against confidence per bin and returns the figure.
@@ -190,9 +188,8 @@ def _pyplot(caller):
 
 
 def _binned_metric(num_bins, from_logits, binning):
-    options = {} if binning == DEFAULT_BINNING else {"binning": binning}
     return ExpectedCalibrationError(
-        num_bins=num_bins, from_logits=from_logits, **options
+        num_bins=num_bins, from_logits=from_logits, binning=binning
     )
 
 
