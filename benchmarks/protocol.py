@@ -65,6 +65,44 @@ LOSS_SPECS = {
     ),
     "lr": LossSpec("lr", "LR", "label_relaxation", "alpha", "α", _SMOOTHING_GRID),
 }
+# Calibration losses that came after the paper, ranked apart from its rows.
+# None of their papers fixes one grid for all data (each tunes per data set
+# and model), so the grids below span the values each paper reports around
+# its recommended default.
+LOSS_SPECS |= {
+    # Mukhoti et al., NeurIPS 2020, "Calibrating Deep Neural Networks using
+    # Focal Loss": FLSD-53, gamma 5 where p_y < 0.2, else 3. No grid.
+    "flsd": LossSpec("flsd", "FLSD-53", "sample_dependent_focal_loss", paper=False),
+    # Tao et al., ICML 2023, "Dual Focal Loss for Calibration": tuned gamma
+    # 2.3-6.1 by data set and model (5 in their CIFAR-10 scripts).
+    "dfl": LossSpec(
+        "dfl",
+        "DFL",
+        "dual_focal_loss",
+        "gamma",
+        "γ",
+        (2.0, 3.0, 4.0, 5.0, 6.0),
+        paper=False,
+    ),
+    # Liu et al., CVPR 2022, "The Devil is in the Margin": margin 10 by
+    # default, weight 0.1 fixed; smaller margins regularise more.
+    "mbls": LossSpec(
+        "mbls",
+        "MbLS",
+        "margin_label_smoothing",
+        "margin",
+        "m",
+        (2.0, 4.0, 6.0, 8.0, 10.0),
+        False,
+    ),
+    # Leng et al., ICLR 2022, "PolyLoss": Poly-1 with epsilon >= -1; +1 and
+    # +2 are their usual choices for classification.
+    "poly": LossSpec(
+        "poly", "Poly-1", "poly_loss", "epsilon", "ε", (-1.0, 1.0, 2.0, 4.0), False
+    ),
+}
+# MbLS's weight of the margin penalty, fixed as its paper does.
+MBLS_WEIGHT = 0.1
 LOSSES = tuple(key for key, spec in LOSS_SPECS.items() if spec.paper)
 
 

@@ -73,7 +73,7 @@ class Row:
     def label(self):
         spec = protocol.LOSS_SPECS[self.loss]
         if self.scheme == "none":
-            return "CE (α = 0)"
+            return "CE (α = 0)" if self.loss == "ce" else spec.label
         if self.scheme == "ts":
             return "CE (α = 0, T opt.)"
         if self.scheme == "ts_nll":
@@ -95,12 +95,20 @@ def table_rows(config, calibrators=()):
     has_ce = "ce" in config.losses
     paper_losses = [loss for loss in config.tuned_losses if is_paper_loss(loss)]
     other_losses = [loss for loss in config.tuned_losses if not is_paper_loss(loss)]
+    # Losses without a hyper-parameter (FLSD-53) train once, like CE, and
+    # stand in both halves.
+    untuned = [
+        loss
+        for loss in config.losses
+        if loss != "ce" and not protocol.LOSS_SPECS[loss].param
+    ]
     rows, extra, other = [], [], []
     for scheme, ce_scheme in (("accuracy", "none"), ("ece", "ts")):
         if scheme in config.schemes:
             if has_ce:
                 rows.append(Row(scheme, "ce", ce_scheme))
             rows += [Row(scheme, loss, scheme) for loss in paper_losses]
+            other += [Row(f"other_{scheme}", loss, "none") for loss in untuned]
             other += [Row(f"other_{scheme}", loss, scheme) for loss in other_losses]
         elif has_ce:
             extra.append(Row("extra", "ce", ce_scheme))
@@ -139,6 +147,8 @@ class Results:
                 return (record.get("calibrators") or {}).get(row.scheme)
             method = "ece_grid" if row.scheme == "ts" else "nll"
             return record["temperature_scaling"][method]
+        if row.scheme == "none":
+            return self.by_key.get(final_key(dataset, seed, row.loss))
         selection = self.selection(dataset, seed, row.loss, row.scheme)
         if selection is None:
             return None

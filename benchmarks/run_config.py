@@ -35,7 +35,7 @@ class RunConfig:
 
     @property
     def tuned_losses(self):
-        return tuple(loss for loss in self.losses if loss != "ce")
+        return tuple(loss for loss in self.losses if protocol.LOSS_SPECS[loss].param)
 
     def to_dict(self):
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -249,10 +249,11 @@ def _grids(overrides):
 
 
 def _grid(spec, values):
+    # The range of each value is the loss's own check (`check_grids`): Poly-1
+    # takes epsilon down to -1.
     values = tuple(float(value) for value in values)
-    if not values or len(set(values)) != len(values) or min(values) < 0:
+    if not values or len(set(values)) != len(values):
         raise ValueError(
-            f"`--grid {spec.key}=...` needs distinct non-negative values. "
-            f"Received: {list(values)}"
+            f"`--grid {spec.key}=...` needs distinct values. Received: {list(values)}"
         )
     return values

@@ -30,12 +30,15 @@ def loss_function(loss, config):
     """
     if loss == "cp" and config.paper_cp_sign:
         return paper_confidence_penalty
-    function = protocol.LOSS_SPECS[loss].function
-    if function is None:
+    spec = protocol.LOSS_SPECS[loss]
+    if spec.function is None:
         return _cross_entropy
-    function = getattr(library_losses, function)
+    function = getattr(library_losses, spec.function)
+    if not spec.param:
+        return lambda y_true, logits, value: function(y_true, logits, from_logits=True)
+    options = {"weight": protocol.MBLS_WEIGHT} if loss == "mbls" else {}
     return lambda y_true, logits, value: function(
-        y_true, logits, value, from_logits=True
+        y_true, logits, value, from_logits=True, **options
     )
 
 
@@ -60,12 +63,13 @@ def make_loss(loss, value, config):
         return keras.losses.LossFunctionWrapper(
             paper_confidence_penalty, beta=value, name="paper_confidence_penalty"
         )
-    function = protocol.LOSS_SPECS[loss].function
-    class_name = "".join(part.title() for part in function.split("_"))
+    spec = protocol.LOSS_SPECS[loss]
+    class_name = "".join(part.title() for part in spec.function.split("_"))
     loss_class = getattr(library_losses, class_name)
-    if value is None:
+    if not spec.param:
         return loss_class(from_logits=True)
-    return loss_class(value, from_logits=True)
+    options = {"weight": protocol.MBLS_WEIGHT} if loss == "mbls" else {}
+    return loss_class(**{spec.param: value}, from_logits=True, **options)
 
 
 @keras.saving.register_keras_serializable(package="benchmarks")
