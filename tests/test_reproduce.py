@@ -527,3 +527,19 @@ def test_an_archived_run_resumes_from_its_results_file(tmp_path):
     store = store_module.ResultStore(archive)
     assert store.get("trial-digits-seed0-lr=0.2")["accuracy"] == 0.6
     assert len(store.records()) == 2
+
+
+@jax_only
+def test_losses_after_the_paper_run_and_rank_apart(tmp_path):
+    out = tmp_path / "run"
+    argv = [*TINY[:6], "--losses", "ce,lr,flsd,poly", "--grid", "lr=0.1"]
+    argv += ["--grid", "poly=-1,1", "--select", "accuracy", "--out", str(out)]
+    assert reproduce.main(argv) == 0
+    rows = list(csv.DictReader((out / "table.csv").read_text().splitlines()))
+    by_label = {row["label"]: row for row in rows}
+    assert by_label["FLSD-53"]["block"] == "other_accuracy"
+    assert by_label["Poly-1 (ε opt. for acc.)"]["block"] == "other_accuracy"
+    assert by_label["LR (α opt. for acc.)"]["block"] == "accuracy"
+    paper_ranks = {by_label[label]["avg_rank_acc"] for label in ("CE (α = 0)",)}
+    assert paper_ranks <= {"1", "1.0", "2", "2.0"}  # ranked among CE and LR only
+    assert "losses the paper does not compare" in (out / "table.md").read_text()
