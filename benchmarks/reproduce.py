@@ -326,7 +326,7 @@ class Runner:
             return
         finals = plan.finals(self.config, self.sizes, selections)
         self._skip_agreeing_schemes(finals)
-        self.execute(self.baselines + finals)
+        self.execute(finals + self.baselines)
 
     def _skip_agreeing_schemes(self, finals):
         """Where both schemes chose the same value, one final training less
