@@ -351,8 +351,12 @@ def test_tiny_run_writes_results_tables_and_diagrams(tmp_path, capsys):
         "ts",
         "ece",
         "ts_nll",
+        "vector_scaling",
+        "dirichlet_odir",
     ]
     assert 0.0 <= float(rows[1]["digits_acc_mean"]) <= 1.0
+    for scores in ts["calibrators"].values():
+        assert 0.0 <= scores["classwise_ece"] <= 1.0
     assert (out / "reliability-digits-lr.png").stat().st_size > 1000
     assert (out / "reliability-digits-ce.png").stat().st_size > 1000
 
