@@ -361,6 +361,11 @@ class Runner:
         trials = {training.key: training for training in self.trials}
         for index, (dataset, seed, loss, scheme) in enumerate(self._search_list()):
             spec = protocol.LOSS_SPECS[loss]
+            grid = self.config.grids[loss]
+            if len(grid) == 1:
+                # Nothing to choose: no trial trained, no validation score.
+                self._select(dataset, seed, loss, scheme, grid[0], None, selections)
+                continue
 
             def run_trial(values, dataset=dataset, seed=seed, loss=loss):
                 param = protocol.LOSS_SPECS[loss].param
@@ -370,7 +375,7 @@ class Runner:
             result = self.tuning.grid_search(
                 run_trial,
                 spec.param,
-                self.config.grids[loss],
+                grid,
                 scheme,
                 directory=self.store.path("tuner"),
                 project_name=f"{dataset}-seed{seed}-{loss}-{scheme}",
@@ -378,13 +383,15 @@ class Runner:
             )
             if result is None:
                 continue
-            value, score = result
-            self.store.put(
-                selection_key(dataset, seed, loss, scheme),
-                records.selection_record(dataset, seed, loss, scheme, value, score),
-            )
-            selections[(dataset, seed, loss, scheme)] = value
+            self._select(dataset, seed, loss, scheme, *result, selections)
         return selections
+
+    def _select(self, dataset, seed, loss, scheme, value, score, selections):
+        self.store.put(
+            selection_key(dataset, seed, loss, scheme),
+            records.selection_record(dataset, seed, loss, scheme, value, score),
+        )
+        selections[(dataset, seed, loss, scheme)] = value
 
     def _search_list(self):
         return [

@@ -547,3 +547,7 @@ def test_losses_after_the_paper_run_and_rank_apart(tmp_path):
     paper_ranks = {by_label[label]["avg_rank_acc"] for label in ("CE (α = 0)",)}
     assert paper_ranks <= {"1", "1.0", "2", "2.0"}  # ranked among CE and LR only
     assert "losses the paper does not compare" in (out / "table.md").read_text()
+    keys = {record["key"] for record in store_module.ResultStore(out).records()}
+    assert not any(key.startswith("trial-digits-seed0-lr") for key in keys)
+    assert "trial-digits-seed0-poly=1" in keys  # a two-value grid is searched
+    assert "final-digits-seed0-lr=0.1" in keys  # a one-value grid is not
