@@ -50,6 +50,7 @@ class PopulationTrainer:
         self.verbose = verbose
         self._shapes = {}
         self._default_sizes = {}
+        self._initial = {}
 
     def groups(self, trainings):
         groups = []
@@ -77,7 +78,7 @@ class PopulationTrainer:
         """Trains `group` as one population; returns, per member in order,
         `(logits by evaluation part, seconds)`: its share of the wall time."""
         start = time.perf_counter()
-        population = _Population(self.config, group, splits)
+        population = _Population(self.config, group, splits, self._initial)
         population.fit(verbose=self.verbose)
         logits = population.evaluate()
         seconds = (time.perf_counter() - start) / len(group)
@@ -118,8 +119,11 @@ def _free_bytes():
 class _Population:
     """The stacked state and compiled steps of one population."""
 
-    def __init__(self, config, group, splits):
+    def __init__(self, config, group, splits, initial):
         self.config = config
+        # Each (dataset, seed)'s model and initial weights, shared by the
+        # populations of a run: building a model takes a fraction of a second.
+        self.initial = initial
         self.group = group
         self.splits = [splits[(t.dataset, t.seed)] for t in group]
         dataset = self.splits[0].dataset
@@ -160,14 +164,18 @@ class _Population:
         """Each member's initial weights, those of its seed trained alone."""
         by_seed = {}
         for training in self.group:
-            if training.seed not in by_seed:
+            key = (dataset.name, training.seed)
+            if key not in self.initial:
                 model = training_lib.initial_model(
                     self.config, dataset.x.shape[1:], dataset.num_classes, training.seed
                 )
-                by_seed[training.seed] = (
+                self.initial[key] = (
+                    model,
                     [np.asarray(v.value) for v in model.trainable_variables],
                     [np.asarray(v.value) for v in model.non_trainable_variables],
                 )
+            model, trainable, non_trainable = self.initial[key]
+            by_seed[training.seed] = (trainable, non_trainable)
         self.optimizer = training_lib.make_optimizer(self.config, self.group[0].n_train)
         self.optimizer.build(model.trainable_variables)
         optimizer_values = [np.asarray(v.value) for v in self.optimizer.variables]
