@@ -61,9 +61,15 @@ class PopulationTrainer:
 
     def _default_size(self, training):
         if training.dataset not in self._default_sizes:
-            example_shape, num_classes = self._shapes[training.dataset]
+            model, _, _ = initial_weights(
+                self._initial,
+                self.config,
+                training.dataset,
+                self._shapes[training.dataset],
+                training.seed,
+            )
             self._default_sizes[training.dataset] = default_population_size(
-                self.config, example_shape, num_classes
+                model, self.config
             )
         return self._default_sizes[training.dataset]
 
@@ -85,9 +91,27 @@ class PopulationTrainer:
         return [(member_logits, seconds) for member_logits in logits]
 
 
-def default_population_size(config, example_shape, num_classes):
+def initial_weights(cache, config, dataset_name, shape, seed):
+    """`(model, trainable values, non-trainable values)` of the model that a
+    training of `dataset_name` with `seed` starts from, built once per run
+    and kept in `cache`: building a model takes a fraction of a second.
+
+    Args:
+        shape: `(example shape, number of classes)`.
+    """
+    key = (dataset_name, seed)
+    if key not in cache:
+        model = training_lib.initial_model(config, *shape, seed)
+        cache[key] = (
+            model,
+            [np.asarray(v.value) for v in model.trainable_variables],
+            [np.asarray(v.value) for v in model.non_trainable_variables],
+        )
+    return cache[key]
+
+
+def default_population_size(model, config):
     """The most members that fit in half the free memory of the device."""
-    model = training_lib.initial_model(config, example_shape, num_classes, 0)
     per_member = _bytes_per_member(model, config.batch_size)
     return max(1, int(_free_bytes() * _MEMORY_SHARE // per_member))
 
@@ -121,8 +145,6 @@ class _Population:
 
     def __init__(self, config, group, splits, initial):
         self.config = config
-        # Each (dataset, seed)'s model and initial weights, shared by the
-        # populations of a run: building a model takes a fraction of a second.
         self.initial = initial
         self.group = group
         self.splits = [splits[(t.dataset, t.seed)] for t in group]
@@ -164,17 +186,13 @@ class _Population:
         """Each member's initial weights, those of its seed trained alone."""
         by_seed = {}
         for training in self.group:
-            key = (dataset.name, training.seed)
-            if key not in self.initial:
-                model = training_lib.initial_model(
-                    self.config, dataset.x.shape[1:], dataset.num_classes, training.seed
-                )
-                self.initial[key] = (
-                    model,
-                    [np.asarray(v.value) for v in model.trainable_variables],
-                    [np.asarray(v.value) for v in model.non_trainable_variables],
-                )
-            model, trainable, non_trainable = self.initial[key]
+            model, trainable, non_trainable = initial_weights(
+                self.initial,
+                self.config,
+                dataset.name,
+                (dataset.x.shape[1:], dataset.num_classes),
+                training.seed,
+            )
             by_seed[training.seed] = (trainable, non_trainable)
         self.optimizer = training_lib.make_optimizer(self.config, self.group[0].n_train)
         self.optimizer.build(model.trainable_variables)
