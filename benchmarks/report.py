@@ -685,7 +685,7 @@ def write_reliability_diagrams(config, records, run_dir, out):
                 labels, logits, num_bins=protocol.NUM_BINS, from_logits=True, ax=ax
             )
             ax.set_title(f"{DATASET_TITLES.get(dataset, dataset)}: {row.label}")
-        figure.tight_layout()
+        _fix_margins(figure, len(panels))
         path = os.path.join(out, name)
         temporary = path + ".tmp.png"
         figure.savefig(temporary, dpi=80)
@@ -693,6 +693,19 @@ def write_reliability_diagrams(config, records, run_dir, out):
         os.replace(temporary, path)
         paths.append(path)
     return paths
+
+
+def _fix_margins(figure, num_panels):
+    """Margins fixed in inches: `tight_layout` would draw every figure once
+    more to measure it, a third of the time the diagrams take."""
+    width, height = 4 * num_panels, 4
+    figure.subplots_adjust(
+        left=0.6 / width,
+        right=1 - 0.1 / width,
+        bottom=0.45 / height,
+        top=1 - 0.35 / height,
+        wspace=0.3,
+    )
 
 
 def _pooled_predictions(results, run_dir, row, dataset):
