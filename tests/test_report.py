@@ -2,8 +2,8 @@
 
 Every run under `docs/runs/<name>/` (`run.json`, `results.jsonl`, `table.md`,
 `table.csv`) is rebuilt and must give its committed tables byte for byte,
-and every figure that `docs/results.md` quotes from such a run must be the
-rebuilt one. The convention of `docs/results.md`:
+and every figure that `docs/results.md` or `docs/calibration.md` quotes from
+such a run must be the rebuilt one. The convention of those docs:
 
 - a quoted table (or any lines of a run's `table.md`) stands between
   `<!-- table: docs/runs/<name> -->` and `<!-- end table -->`; each of its
@@ -34,7 +34,7 @@ from benchmarks import store as store_module
 
 REPO = Path(__file__).resolve().parents[1]
 ARCHIVED = sorted(path.parent for path in REPO.glob("docs/runs/*/run.json"))
-RESULTS_DOC = REPO / "docs" / "results.md"
+QUOTING_DOCS = [REPO / "docs" / "results.md", REPO / "docs" / "calibration.md"]
 
 TABLE_BLOCK = re.compile(
     r"<!-- table: (?P<run>\S+?)/? -->\n(?P<body>.*?)<!-- end table -->", re.S
@@ -135,8 +135,10 @@ def test_archived_run_rebuilds_to_its_committed_tables(run_dir):
     assert (run_dir / "table.csv").read_text(encoding="utf-8") == csv_text
 
 
-def test_results_doc_quotes_the_archived_runs():
-    assert quote_mismatches(RESULTS_DOC.read_text(encoding="utf-8"), REPO) == []
+@pytest.mark.parametrize("doc", QUOTING_DOCS, ids=[path.name for path in QUOTING_DOCS])
+def test_docs_quote_the_archived_runs(doc):
+    assert MARKER.search(doc.read_text(encoding="utf-8"))
+    assert quote_mismatches(doc.read_text(encoding="utf-8"), REPO) == []
 
 
 # A small run made up here.
