@@ -469,6 +469,8 @@ class Runner:
         the class's defaults: choosing them by Kull et al.'s cross-validation
         (432 penalty pairs x 5 folds) would cost more than the quick profile's
         trainings."""
+        import keras
+
         from keras_label_relax import DirichletCalibration
         from keras_label_relax import VectorScaling
 
@@ -480,9 +482,8 @@ class Runner:
         results = {}
         for name, calibrator in calibrators.items():
             calibrator.calibrate(*calibration, batch_size=len(test_logits))
-            probabilities = calibrator.predict(
-                test_logits, batch_size=len(test_logits), verbose=0
-            )
+            # Called, not `predict()`: that compiles a function per model.
+            probabilities = keras.ops.convert_to_numpy(calibrator(test_logits))
             tiny = np.finfo(np.float32).tiny
             scores = np.log(np.maximum(probabilities, tiny))  # softmax(scores) = p
             results[name] = self._test_scores(split, scores, None)
