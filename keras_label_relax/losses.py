@@ -1058,9 +1058,10 @@ def _torch_kernels():
 
     A kernel takes the logits `z` (N, K), the class ids `y` (N, 1), the
     log-probabilities (N, K), `log p_y` (N, 1) and the hyper-parameters, and
-    returns the losses (N, 1) and `backward(p, g)`, which turns the
-    probabilities `p` (N, K, free to overwrite) and the upstream gradient `g`
-    (N, 1) into the gradient with respect to `z`.
+    returns the losses (N, 1) and `backward(g)`, which turns the upstream
+    gradient `g` (N, 1) into the gradient with respect to `z`. Most
+    backwards start from `softmax(z)`, recomputed from the saved
+    log-probabilities rather than kept from the forward pass.
     """
     import torch
 
@@ -1075,17 +1076,14 @@ def _torch_kernels():
             losses, backward = _TORCH_KERNELS[kernel](
                 z, y, log_p_all, log_p, *hyper_parameters
             )
-            ctx.save_for_backward(log_p_all)
             ctx.backward = backward
             ctx.num_inputs = 3 + len(hyper_parameters)
             return losses.reshape(logits.shape[:-1])
 
         @staticmethod
         def backward(ctx, upstream):
-            (log_p_all,) = ctx.saved_tensors
-            g = upstream.reshape(-1, 1)
-            gradient = ctx.backward(torch.exp(log_p_all), g)
-            gradient = gradient.reshape(*upstream.shape, log_p_all.shape[-1])
+            gradient = ctx.backward(upstream.reshape(-1, 1))
+            gradient = gradient.reshape(*upstream.shape, gradient.shape[-1])
             return (gradient,) + (None,) * (ctx.num_inputs - 1)
 
     return SparseLogitLoss
@@ -1095,10 +1093,13 @@ def _function_of_log_p(value_and_slope):
     """A kernel for a loss `f(log p_y)`: gradient `f'(log p_y) (onehot_y - p)`."""
 
     def kernel(z, y, log_p_all, log_p, *hyper_parameters):
+        import torch
+
         losses, slope = value_and_slope(log_p, *hyper_parameters)
 
-        def backward(p, g):
-            return p.mul_(-slope * g).scatter_add_(1, y, slope * g)
+        def backward(g):
+            gradient = torch.exp(log_p_all).mul_(-slope * g)
+            return gradient.scatter_add_(1, y, slope * g)
 
         return losses, backward
 
@@ -1163,10 +1164,10 @@ def _torch_label_smoothing(z, y, log_p_all, log_p, alpha):
     spread = z.gather(1, y) - z.mean(dim=-1, keepdim=True)
     losses = alpha * spread - log_p
 
-    def backward(p, g):
+    def backward(g):
         import torch
 
-        shifted = torch.addcmul(g * (-alpha / z.shape[-1]), p, g)
+        shifted = torch.addcmul(g * (-alpha / z.shape[-1]), torch.exp(log_p_all), g)
         return shifted.scatter_add_(1, y, (alpha - 1.0) * g)
 
     return losses, backward
@@ -1176,10 +1177,11 @@ def _torch_confidence_penalty(z, y, log_p_all, log_p, beta):
     import torch
 
     # CE - b H; gradient p (1 + b (log p + H)) - onehot_y.
-    entropy_ = -torch.linalg.vecdot(torch.exp(log_p_all), log_p_all).unsqueeze(-1)
+    p = torch.exp(log_p_all)
+    entropy_ = -torch.linalg.vecdot(p, log_p_all).unsqueeze(-1)
     losses = -log_p - beta * entropy_
 
-    def backward(p, g):
+    def backward(g):
         factor = torch.addcmul(g * (1.0 + beta * entropy_), log_p_all, g * beta)
         return factor.mul_(p).scatter_add_(1, y, -g)
 
@@ -1191,7 +1193,7 @@ def _torch_dual_focal(z, y, log_p_all, log_p, gamma):
 
     z_y = z.gather(1, y)
     lowest = torch.finfo(z.dtype).min
-    z_j, j = z.masked_fill(z >= z_y, lowest).max(dim=-1, keepdim=True)
+    z_j, j = torch.where(z < z_y, z, lowest).max(dim=-1, keepdim=True)
     p_j = torch.exp(z_j - z_y + log_p).masked_fill(z_j >= z_y, 0.0)
     rest, live = _torch_one_minus_p(log_p)
     base = rest + p_j
@@ -1203,9 +1205,9 @@ def _torch_dual_focal(z, y, log_p_all, log_p, gamma):
     at_y = -weight - b * live * torch.exp(log_p)
     at_j = b * p_j
 
-    def backward(p, g):
-        p.mul_(-(at_y + at_j) * g)
-        return p.scatter_add_(1, y, at_y * g).scatter_add_(1, j, at_j * g)
+    def backward(g):
+        gradient = torch.exp(log_p_all).mul_(-(at_y + at_j) * g)
+        return gradient.scatter_add_(1, y, at_y * g).scatter_add_(1, j, at_j * g)
 
     return -weight * log_p, backward
 
@@ -1220,11 +1222,13 @@ def _torch_margin_label_smoothing(z, y, log_p_all, log_p, margin, weight):
     gaps = torch.sub(top - margin, z).clamp_(min=0.0)
     losses = rate * gaps.sum(dim=-1, keepdim=True) - log_p
 
-    def backward(p, g):
-        below = gaps > 0.0
+    def backward(g):
+        # 1 where a class is below the ceiling, else 0 (the gaps are >= 0).
+        below = torch.sign(gaps)
         count = below.sum(dim=-1, keepdim=True)
-        p.mul_(g).addcmul_(below, -rate * g)
-        return p.scatter_add_(1, y, -g).scatter_add_(1, top_index, rate * g * count)
+        gradient = torch.exp(log_p_all).mul_(g).addcmul_(below, -rate * g)
+        gradient.scatter_add_(1, y, -g)
+        return gradient.scatter_add_(1, top_index, rate * g * count)
 
     return losses, backward
 
