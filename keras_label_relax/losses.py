@@ -1046,7 +1046,7 @@ def _torch_kernel_applies(y_true, y_pred, from_logits, *hyper_parameters):
 
 
 def _torch_loss(kernel, y_true, logits, *hyper_parameters):
-    """Per-sample losses of `kernel`, a loss of `_torch_kernels()`."""
+    """Per-sample losses of `kernel`, a key of `_TORCH_KERNELS`."""
     class_ids = _labels.class_ids(y_true, logits)
     function = _torch_kernels()
     return function.apply(logits, class_ids, kernel, *hyper_parameters)
@@ -1060,8 +1060,8 @@ def _torch_kernels():
     log-probabilities (N, K), `log p_y` (N, 1) and the hyper-parameters, and
     returns the losses (N, 1) and `backward(g)`, which turns the upstream
     gradient `g` (N, 1) into the gradient with respect to `z`. Most
-    backwards start from `softmax(z)`, recomputed from the saved
-    log-probabilities rather than kept from the forward pass.
+    backwards start from `softmax(z)`, recomputed from the log-probabilities
+    rather than kept from the forward pass.
     """
     import torch
 
@@ -1081,6 +1081,7 @@ def _torch_kernels():
             return losses.reshape(logits.shape[:-1])
 
         @staticmethod
+        @torch.autograd.function.once_differentiable
         def backward(ctx, upstream):
             gradient = ctx.backward(upstream.reshape(-1, 1))
             gradient = gradient.reshape(*upstream.shape, gradient.shape[-1])
