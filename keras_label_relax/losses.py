@@ -23,6 +23,7 @@ that each have their own hyper-parameter. Tensors are not checked; a tensor
 outside the documented range gives NaN losses.
 """
 
+import functools
 import math
 import numbers
 
@@ -113,6 +114,8 @@ def label_relaxation(y_true, y_pred, alpha, from_logits=False):
     """
     y_true, y_pred = _prepare(y_true, y_pred)
     alpha = _hyper_parameter("alpha", alpha, check_in_unit_interval, y_pred.dtype)
+    if _torch_kernel_applies(y_true, y_pred, from_logits, alpha):
+        return _torch_loss("label_relaxation", y_true, y_pred, alpha)
     class_ids = _labels.class_ids(y_true, y_pred)
     log_p = observed_log_probability(class_ids, y_pred, from_logits)
     losses = relaxation_from_log_probability(log_p, alpha)
@@ -144,9 +147,11 @@ def label_smoothing(y_true, y_pred, alpha, from_logits=False):
     """
     y_true, y_pred = _prepare(y_true, y_pred)
     alpha = _hyper_parameter("alpha", alpha, check_in_unit_interval, y_pred.dtype)
+    if _torch_kernel_applies(y_true, y_pred, from_logits, alpha):
+        return _torch_loss("label_smoothing", y_true, y_pred, alpha)
     sparse = _is_sparse(y_true, y_pred)
     if sparse and from_logits and _has_fused_label_smoothing(alpha):
-        return _torch_label_smoothing(y_true, y_pred, alpha)
+        return _torch_fused_label_smoothing(y_true, y_pred, alpha)
     if sparse and from_logits:
         # -(1 - a) log p_y - a mean_k log p_k = CE + a (z_y - mean_k z_k): the
         # fused cross-entropy plus one gather and one mean.
@@ -187,6 +192,8 @@ def confidence_penalty(y_true, y_pred, beta, from_logits=False):
     """
     y_true, y_pred = _prepare(y_true, y_pred)
     beta = _hyper_parameter("beta", beta, check_non_negative, y_pred.dtype)
+    if _torch_kernel_applies(y_true, y_pred, from_logits, beta):
+        return _torch_loss("confidence_penalty", y_true, y_pred, beta)
     sparse = _is_sparse(y_true, y_pred)
     if _single_exp_softmax_is_faster(from_logits):
         shifted, log_normaliser, entropy_ = shifted_softmax_terms(y_pred)
@@ -231,6 +238,8 @@ def focal_loss(y_true, y_pred, gamma, from_logits=False):
     """
     y_true, y_pred = _prepare(y_true, y_pred)
     gamma = _hyper_parameter("gamma", gamma, check_non_negative, y_pred.dtype)
+    if _torch_kernel_applies(y_true, y_pred, from_logits, gamma):
+        return _torch_loss("focal_loss", y_true, y_pred, gamma)
     if _is_sparse(y_true, y_pred):
         class_ids = _labels.class_ids(y_true, y_pred)
         log_p = observed_log_probability(class_ids, y_pred, from_logits)
@@ -490,6 +499,10 @@ def sample_dependent_focal_loss(
     y_true, y_pred = _prepare(y_true, y_pred)
     if not (_is_tensor(thresholds) or _is_tensor(gammas)):
         thresholds, gammas = check_sample_dependent_gammas(thresholds, gammas)
+    if _torch_kernel_applies(y_true, y_pred, from_logits, thresholds, gammas):
+        return _torch_loss(
+            "sample_dependent_focal_loss", y_true, y_pred, thresholds, gammas
+        )
     if _is_sparse(y_true, y_pred):
         class_ids = _labels.class_ids(y_true, y_pred)
         log_p = observed_log_probability(class_ids, y_pred, from_logits)
@@ -527,6 +540,8 @@ def dual_focal_loss(y_true, y_pred, gamma, from_logits=False):
     """
     y_true, y_pred = _prepare(y_true, y_pred)
     gamma = _hyper_parameter("gamma", gamma, check_non_negative, y_pred.dtype)
+    if _torch_kernel_applies(y_true, y_pred, from_logits, gamma):
+        return _torch_loss("dual_focal_loss", y_true, y_pred, gamma)
     class_ids = _labels.class_ids(y_true, y_pred)
     # Ranks come from `y_pred` itself (logits, or probabilities: the same
     # order), so the label's own entry is never "below" itself by rounding.
@@ -583,6 +598,8 @@ def margin_label_smoothing(y_true, y_pred, margin, weight, from_logits=True):
     y_true, y_pred = _prepare(y_true, y_pred)
     margin = _hyper_parameter("margin", margin, check_non_negative, y_pred.dtype)
     weight = _hyper_parameter("weight", weight, check_non_negative, y_pred.dtype)
+    if _torch_kernel_applies(y_true, y_pred, True, margin, weight):
+        return _torch_loss("margin_label_smoothing", y_true, y_pred, margin, weight)
     if _is_sparse(y_true, y_pred):
         class_ids = _labels.class_ids(y_true, y_pred)
         cross_entropy = -observed_log_probability(class_ids, y_pred, True)
@@ -624,6 +641,8 @@ def poly_loss(y_true, y_pred, epsilon, from_logits=False):
     """
     y_true, y_pred = _prepare(y_true, y_pred)
     epsilon = _hyper_parameter("epsilon", epsilon, _check_epsilon, y_pred.dtype)
+    if _torch_kernel_applies(y_true, y_pred, from_logits, epsilon):
+        return _torch_loss("poly_loss", y_true, y_pred, epsilon)
     if _is_sparse(y_true, y_pred):
         class_ids = _labels.class_ids(y_true, y_pred)
         log_p = observed_log_probability(class_ids, y_pred, from_logits)
@@ -995,7 +1014,7 @@ def _has_fused_label_smoothing(alpha):
     return keras.backend.backend() == "torch" and not _is_tensor(alpha)
 
 
-def _torch_label_smoothing(y_true, logits, alpha):
+def _torch_fused_label_smoothing(y_true, logits, alpha):
     import torch
 
     class_ids = ops.cast(_labels.class_ids(y_true, logits), "int64")
@@ -1004,6 +1023,227 @@ def _torch_label_smoothing(y_true, logits, alpha):
     return torch.nn.functional.cross_entropy(
         logits, class_ids, reduction="none", label_smoothing=alpha
     )
+
+
+# Eager PyTorch: gradients written out.
+#
+# Eager PyTorch (what `fit` runs there by default) pays for every op twice:
+# once forward and once more for its recorded backward. On integer labels,
+# logits and Python-number hyper-parameters, the losses below record nothing
+# forward and compute their gradient with respect to the logits in one or
+# two passes over the classes, as PyTorch's own cross-entropy kernel does.
+# `torch.compile` traces the generic forms instead, which it fuses itself.
+
+
+def _torch_kernel_applies(y_true, y_pred, from_logits, *hyper_parameters):
+    if keras.backend.backend() != "torch" or not from_logits:
+        return False
+    if any(_is_tensor(value) for value in hyper_parameters):
+        return False
+    import torch
+
+    return not torch.compiler.is_compiling() and _is_sparse(y_true, y_pred)
+
+
+def _torch_loss(kernel, y_true, logits, *hyper_parameters):
+    """Per-sample losses of `kernel`, a key of `_TORCH_KERNELS`."""
+    class_ids = _labels.class_ids(y_true, logits)
+    function = _torch_kernels()
+    return function.apply(logits, class_ids, kernel, *hyper_parameters)
+
+
+@functools.cache
+def _torch_kernels():
+    """The autograd Function that runs a kernel of `_TORCH_KERNELS`.
+
+    A kernel takes the logits `z` (N, K), the class ids `y` (N, 1), the
+    log-probabilities (N, K), `log p_y` (N, 1) and the hyper-parameters, and
+    returns the losses (N, 1) and `backward(g)`, which turns the upstream
+    gradient `g` (N, 1) into the gradient with respect to `z`. Most
+    backwards start from `softmax(z)`, recomputed from the log-probabilities
+    rather than kept from the forward pass.
+    """
+    import torch
+
+    class SparseLogitLoss(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, logits, class_ids, kernel, *hyper_parameters):
+            num_classes = logits.shape[-1]
+            z = logits.reshape(-1, num_classes)
+            y = class_ids.reshape(-1, 1).long()
+            log_p_all = torch.log_softmax(z, dim=-1)
+            log_p = log_p_all.gather(1, y)
+            losses, backward = _TORCH_KERNELS[kernel](
+                z, y, log_p_all, log_p, *hyper_parameters
+            )
+            ctx.backward = backward
+            ctx.num_inputs = 3 + len(hyper_parameters)
+            return losses.reshape(logits.shape[:-1])
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, upstream):
+            gradient = ctx.backward(upstream.reshape(-1, 1))
+            gradient = gradient.reshape(*upstream.shape, gradient.shape[-1])
+            return (gradient,) + (None,) * (ctx.num_inputs - 1)
+
+    return SparseLogitLoss
+
+
+def _function_of_log_p(value_and_slope):
+    """A kernel for a loss `f(log p_y)`: gradient `f'(log p_y) (onehot_y - p)`."""
+
+    def kernel(z, y, log_p_all, log_p, *hyper_parameters):
+        import torch
+
+        losses, slope = value_and_slope(log_p, *hyper_parameters)
+
+        def backward(g):
+            gradient = torch.exp(log_p_all).mul_(-slope * g)
+            return gradient.scatter_add_(1, y, slope * g)
+
+        return losses, backward
+
+    return kernel
+
+
+def _torch_one_minus_p(log_p):
+    """`1 - p` as `one_minus_probability` computes it, and where its cap is off."""
+    import torch
+
+    capped = log_p.clamp(max=_MAX_LOG_PROBABILITY)
+    return -torch.expm1(capped), log_p <= _MAX_LOG_PROBABILITY
+
+
+def _torch_relaxation(log_p, alpha):
+    import torch
+
+    if alpha == 0.0:
+        return -log_p, torch.full_like(log_p, -1.0)
+    log_inside = math.log1p(-alpha)
+    constant = (1.0 - alpha) * log_inside + alpha * math.log(alpha)
+    rest, live = _torch_one_minus_p(log_p)
+    losses = constant - (1.0 - alpha) * log_p - alpha * torch.log(rest)
+    odds = (torch.exp(log_p) / rest).masked_fill_(~live, 0.0)
+    slope = alpha * odds - (1.0 - alpha)
+    inside = log_p >= log_inside
+    return losses.masked_fill(inside, 0.0), slope.masked_fill(inside, 0.0)
+
+
+def _torch_focal(log_p, gamma):
+    import torch
+
+    if isinstance(gamma, numbers.Number) and gamma == 0.0:
+        return -log_p, torch.full_like(log_p, -1.0)
+    rest, live = _torch_one_minus_p(log_p)
+    weight = torch.pow(rest, gamma)
+    # d/dl [-(1 - p)^g l] = g (1 - p)^(g - 1) p l - (1 - p)^g.
+    odds = (torch.exp(log_p) / rest).masked_fill_(~live, 0.0)
+    slope = gamma * weight * odds * log_p - weight
+    return -weight * log_p, slope
+
+
+def _torch_sample_dependent_focal(log_p, thresholds, gammas):
+    import torch
+
+    gamma = torch.full_like(log_p, gammas[0])
+    for threshold, next_gamma in zip(thresholds, gammas[1:], strict=True):
+        gamma.masked_fill_(log_p >= math.log(threshold), next_gamma)
+    return _torch_focal(log_p, gamma)
+
+
+def _torch_poly(log_p, epsilon):
+    import torch
+
+    # d/dl [-l - e (p - 1)] = -1 - e p.
+    losses = -log_p - epsilon * torch.expm1(log_p)
+    return losses, -1.0 - epsilon * torch.exp(log_p)
+
+
+def _torch_label_smoothing(z, y, log_p_all, log_p, alpha):
+    # CE + a (z_y - mean z); gradient p - (1 - a) onehot_y - a / K.
+    spread = z.gather(1, y) - z.mean(dim=-1, keepdim=True)
+    losses = alpha * spread - log_p
+
+    def backward(g):
+        import torch
+
+        shifted = torch.addcmul(g * (-alpha / z.shape[-1]), torch.exp(log_p_all), g)
+        return shifted.scatter_add_(1, y, (alpha - 1.0) * g)
+
+    return losses, backward
+
+
+def _torch_confidence_penalty(z, y, log_p_all, log_p, beta):
+    import torch
+
+    # CE - b H; gradient p (1 + b (log p + H)) - onehot_y.
+    p = torch.exp(log_p_all)
+    entropy_ = -torch.linalg.vecdot(p, log_p_all).unsqueeze(-1)
+    losses = -log_p - beta * entropy_
+
+    def backward(g):
+        factor = torch.addcmul(g * (1.0 + beta * entropy_), log_p_all, g * beta)
+        return factor.mul_(p).scatter_add_(1, y, -g)
+
+    return losses, backward
+
+
+def _torch_dual_focal(z, y, log_p_all, log_p, gamma):
+    import torch
+
+    z_y = z.gather(1, y)
+    lowest = torch.finfo(z.dtype).min
+    z_j, j = torch.where(z < z_y, z, lowest).max(dim=-1, keepdim=True)
+    p_j = torch.exp(z_j - z_y + log_p).masked_fill(z_j >= z_y, 0.0)
+    rest, live = _torch_one_minus_p(log_p)
+    base = rest + p_j
+    weight = torch.pow(base, gamma)
+    # L = -u^g l with u = (1 - p_y) + p_j: dL = -u^g dl + b du with
+    # b = -g u^(g - 1) l, dl = onehot_y - p and
+    # du = -p_y (onehot_y - p) + p_j (onehot_j - p).
+    b = -gamma * weight / base * log_p
+    at_y = -weight - b * live * torch.exp(log_p)
+    at_j = b * p_j
+
+    def backward(g):
+        gradient = torch.exp(log_p_all).mul_(-(at_y + at_j) * g)
+        return gradient.scatter_add_(1, y, at_y * g).scatter_add_(1, j, at_j * g)
+
+    return -weight * log_p, backward
+
+
+def _torch_margin_label_smoothing(z, y, log_p_all, log_p, margin, weight):
+    import torch
+
+    # CE + (w / K) sum_k relu(max z - m - z_k); gradient p - onehot_y
+    # - (w / K) [z_k below the ceiling] + (w / K) #below at the argmax.
+    rate = weight / z.shape[-1]
+    top, top_index = z.max(dim=-1, keepdim=True)
+    gaps = torch.sub(top - margin, z).clamp_(min=0.0)
+    losses = rate * gaps.sum(dim=-1, keepdim=True) - log_p
+
+    def backward(g):
+        # 1 where a class is below the ceiling, else 0 (the gaps are >= 0).
+        below = torch.sign(gaps)
+        count = below.sum(dim=-1, keepdim=True)
+        gradient = torch.exp(log_p_all).mul_(g).addcmul_(below, -rate * g)
+        gradient.scatter_add_(1, y, -g)
+        return gradient.scatter_add_(1, top_index, rate * g * count)
+
+    return losses, backward
+
+
+_TORCH_KERNELS = {
+    "label_relaxation": _function_of_log_p(_torch_relaxation),
+    "focal_loss": _function_of_log_p(_torch_focal),
+    "sample_dependent_focal_loss": _function_of_log_p(_torch_sample_dependent_focal),
+    "poly_loss": _function_of_log_p(_torch_poly),
+    "label_smoothing": _torch_label_smoothing,
+    "confidence_penalty": _torch_confidence_penalty,
+    "dual_focal_loss": _torch_dual_focal,
+    "margin_label_smoothing": _torch_margin_label_smoothing,
+}
 
 
 def _cross_entropy(y_true, y_pred, log_p, sparse):

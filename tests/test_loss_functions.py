@@ -338,3 +338,29 @@ def test_float64_label_relaxation_gradient_is_p_minus_q_to_1e12(alpha):
         )
         assert gradient.dtype == np.float64
     np.testing.assert_allclose(gradient, expected, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("key", FLOAT64_CASES)
+def test_float64_gradients_of_integer_labels_and_logits(key):
+    # On eager PyTorch these losses run on written-out gradients, elsewhere on
+    # autodiff; either must give the reference's float64 derivative, also per
+    # timestep and where p_y is close to 1.
+    loss, reference_fn, arguments = FLOAT64_CASES[key]
+    rng = np.random.default_rng(9)
+    y_pred = 3 * rng.standard_normal((6, 2, NUM_CLASSES))
+    y_pred[:2, :, 0] += 12.0
+    y_true = rng.integers(0, NUM_CLASSES, (6, 2))
+    y_true[:2] = 0
+    loss = loss.from_config({**loss.get_config(), "from_logits": True})
+
+    def total(z):
+        flat = z.reshape(-1, NUM_CLASSES)
+        return reference_fn(y_true.reshape(-1), flat, *arguments, True).sum()
+
+    with float64_enabled():
+        _, gradient = value_and_gradient(
+            lambda z: ops.sum(loss.call(ops.convert_to_tensor(y_true), z)), y_pred
+        )
+    assert gradient.dtype == np.float64
+    expected = references.numeric_gradient(total, y_pred)
+    np.testing.assert_allclose(gradient, expected, rtol=1e-6, atol=1e-8)
