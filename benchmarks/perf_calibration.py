@@ -12,11 +12,15 @@ Keras backend runs in its own process. The table replaces the block between
 
 Usage:
     python -m benchmarks.perf_calibration [--backends tensorflow,jax,torch]
-        [--repeats 3] [--cv-shape 5000x10] [--no-write]
+        [--repeats 3] [--cv-shape 5000x10] [--no-cv] [--quick] [--no-write]
+
+`--quick` is `--repeats 1 --no-cv`, to check a change; `--no-cv` skips the
+cross-validation.
 """
 
 import argparse
 import importlib.util
+import os
 import pathlib
 import statistics
 import time
@@ -125,8 +129,11 @@ def _cv_row(shape):
 
 
 def _worker(repeats, cv_shape):
+    load = os.getloadavg()[0]
     rows, ratio = _fit_rows(repeats)
-    emit_result({"fits": rows, "ratio": ratio, "cv": _cv_row(cv_shape)})
+    cv = _cv_row(cv_shape) if cv_shape else None
+    load = (load, os.getloadavg()[0])
+    emit_result({"fits": rows, "ratio": ratio, "cv": cv, "load": load})
 
 
 def _versions():
@@ -146,19 +153,22 @@ def _table(results, repeats, cv_shape):
         f"{SHAPE[0]:,} x {SHAPE[1]} float32 logits (calibrated logits "
         "2 N(0, 1) times 1.5 times a per-class factor from 0.7 to 1.3), one "
         "fit from the cached logits, without running a model. Seconds, median "
-        f"(min) of {repeats} runs after a warm-up that compiles. Tolerances: "
-        "temperature to 1e-8 relative in T; vector scaling until the Newton "
-        "decrement is below 1e-8; matrix and Dirichlet until L-BFGS lowers "
-        "the objective by less than 1e-9 (relative) or the largest gradient "
-        "entry is below 1e-6.",
+        f"(min) of {repeats} runs after a warm-up that compiles; *load* is "
+        "the 1-minute load average before and after the backend's runs. "
+        "Tolerances: temperature to 1e-8 relative in T, or until the Newton "
+        "step is below float32's rounding of 1 / T; vector scaling until the "
+        "Newton decrement is below 1e-8; matrix and Dirichlet until L-BFGS "
+        "lowers the objective by less than 1e-9 (relative) or the largest "
+        "gradient entry is below 1e-6.",
         "",
-        "| backend | fit | seconds |",
-        "|---|---|---|",
+        "| backend | load | fit | seconds |",
+        "|---|---|---|---|",
     ]
     for backend, result in results.items():
+        load = "{:.1f}-{:.1f}".format(*result["load"])
         for row in result["fits"]:
             lines.append(
-                f"| {backend} | {row['case']} | {row['median_s']:.2f} "
+                f"| {backend} | {load} | {row['case']} | {row['median_s']:.2f} "
                 f"({row['min_s']:.2f}) |"
             )
     lines += [
@@ -169,12 +179,29 @@ def _table(results, repeats, cv_shape):
             f"{backend} {result['ratio']:.2f}x" for backend, result in results.items()
         )
         + ".",
+    ]
+    options = f"--repeats {repeats}"
+    if cv_shape:
+        lines += _cv_lines(results, cv_shape)
+        options += f" --cv-shape {cv_shape[0]}x{cv_shape[1]}"
+    else:
+        options += " --no-cv"
+    lines += [
+        "",
+        f"Reproduce with `python -m benchmarks.perf_calibration {options}`.",
+    ]
+    return "\n".join(lines)
+
+
+def _cv_lines(results, cv_shape):
+    fits = results[next(iter(results))]["cv"]["fits"]
+    lines = [
         "",
         "Cross-validated Dirichlet penalties (`calibrate(..., "
         f'off_diagonal_l2="cv")`): {cv_shape[0]:,} x {cv_shape[1]} '
         "log-probabilities, 5 folds over Kull et al.'s full grid "
-        f"({results[next(iter(results))]['cv']['fits']} fits, warm-started "
-        "along the off-diagonal penalties), one run:",
+        f"({fits} fits, warm-started along the off-diagonal penalties), one "
+        "run:",
         "",
         "| backend | seconds | chosen (off-diagonal, bias) |",
         "|---|---|---|",
@@ -185,12 +212,7 @@ def _table(results, repeats, cv_shape):
             f"| {backend} | {cv['seconds']:.1f} | {cv['chosen'][0]:g}, "
             f"{cv['chosen'][1]:g} |"
         )
-    lines += [
-        "",
-        "Reproduce with `python -m benchmarks.perf_calibration` "
-        f"(`--repeats {repeats} --cv-shape {cv_shape[0]}x{cv_shape[1]}`).",
-    ]
-    return "\n".join(lines)
+    return lines
 
 
 def _shape(text):
@@ -201,27 +223,29 @@ def _shape(text):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", default=",".join(BACKENDS))
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--cv-shape", type=_shape, default=(5000, 10))
+    parser.add_argument("--no-cv", action="store_true")
+    parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 3
+    cv_shape = None if args.no_cv or args.quick else args.cv_shape
     if args.worker:
-        _worker(args.repeats, args.cv_shape)
+        _worker(args.repeats, cv_shape)
         return
     results = {}
-    cv_text = f"{args.cv_shape[0]}x{args.cv_shape[1]}"
     for backend in args.backends.split(","):
         print(f"running {backend} ...", flush=True)
-        results[backend] = run_worker(
-            "benchmarks.perf_calibration",
-            backend,
-            "--repeats",
-            args.repeats,
-            "--cv-shape",
-            cv_text,
-        )
-    text = _table(results, args.repeats, args.cv_shape)
+        options = ["--repeats", args.repeats]
+        if cv_shape:
+            options += ["--cv-shape", f"{cv_shape[0]}x{cv_shape[1]}"]
+        else:
+            options += ["--no-cv"]
+        results[backend] = run_worker("benchmarks.perf_calibration", backend, *options)
+    text = _table(results, args.repeats, cv_shape)
     print(text)
     if not args.no_write:
         replace_block(DOC, "perf_calibration", text)

@@ -306,12 +306,8 @@ def reference_vector_objective(theta, logits, labels):
 def test_vector_gradient_and_hessian_match_finite_differences():
     logits, labels = miscalibrated(500, 4, seed=9)
     problem = _VectorProblem(logits, labels, None)
-    from keras_label_relax.calibration import _compiled
-    from keras_label_relax.calibration import _vector_pass
-
-    problem.run = _compiled(_vector_pass)
     theta = np.array([0.7, 1.1, 0.9, 1.3, 0.2, -0.1, 0.0, 0.3])
-    value, gradient, hessian = problem.objective(theta)
+    value, gradient, hessian = problem.objective(theta, with_hessian=True)
     z = logits.astype(np.float64)
     assert value == pytest.approx(reference_vector_objective(theta, z, labels), 1e-6)
     step = 1e-5
@@ -328,6 +324,10 @@ def test_vector_gradient_and_hessian_match_finite_differences():
             - problem.objective(theta - 100 * e)[1]
         ) / (200 * step)
         np.testing.assert_allclose(hessian[i], numeric_row, atol=2e-3)
+    value_only, gradient_only, no_hessian = problem.objective(theta, False)
+    assert no_hessian is None
+    assert value_only == pytest.approx(value, rel=1e-12)
+    np.testing.assert_allclose(gradient_only, gradient, rtol=1e-6, atol=1e-9)
 
 
 @pytest.mark.parametrize("off_diagonal_l2, bias_l2", [(0.0, 0.0), (2.0, 0.5)])
@@ -560,3 +560,28 @@ def test_model_output_that_is_not_two_dimensional():
     scaled = TemperatureScaling(Squeeze())
     with pytest.raises(ValueError, match=r"shape \(100,\)"):
         scaled.calibrate(np.ones((100, 3), np.float32), np.zeros(100, int))
+
+
+def test_small_factorisations_match_numpy():
+    from keras_label_relax.calibration import _cholesky
+    from keras_label_relax.calibration import _newton_step
+    from keras_label_relax.calibration import _solve_lower
+
+    rng = np.random.default_rng(15)
+    a = rng.standard_normal((30, 20))
+    matrix, vector = a.T @ a, rng.standard_normal(20)
+    lower = _cholesky(matrix)
+    np.testing.assert_allclose(lower, np.linalg.cholesky(matrix), atol=1e-12)
+    np.testing.assert_allclose(
+        _solve_lower(lower, np.eye(20)), np.linalg.inv(lower), atol=1e-10
+    )
+    ridge = 1e-6 * np.max(np.diag(matrix))
+    expected = -np.linalg.solve(matrix + ridge * np.eye(20), vector)
+    np.testing.assert_allclose(_newton_step(matrix, vector), expected, rtol=1e-9)
+    with pytest.raises(np.linalg.LinAlgError):
+        _cholesky(-matrix)
+    # An indefinite Hessian falls back to least squares.
+    indefinite = np.diag([1.0, -1.0])
+    np.testing.assert_allclose(
+        _newton_step(indefinite, np.array([1.0, 1.0])), [-1.0, 1.0]
+    )
