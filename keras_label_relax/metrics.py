@@ -719,38 +719,57 @@ def _bin_sums(confidence, correct, weight, num_bins, dtype):
     `FINE_BINS` bins of the equal-mass histogram.
     """
     confidence = ops.cast(confidence, dtype)
-    if num_bins is None:
-        size = FINE_BINS
-        position = ops.log1p(-confidence) * (-FINE_BINS / _FINE_RANGE)
-        bins = ops.clip(ops.floor(position), 0.0, FINE_BINS - 1.0)
-        bins = ops.clip(ops.cast(bins, "int32"), 0, FINE_BINS - 1)
-        lower, upper = _fine_edges()
-        centres = ops.convert_to_tensor((lower + upper) / 2.0, dtype)
-        offset = confidence - ops.take(centres, bins)
-        scale = 1.0
-    else:
-        size = num_bins
-        scaled = confidence * num_bins
-        bins = ops.clip(ops.ceil(scaled) - 1.0, 0.0, num_bins - 1.0)
-        # Confidences are summed relative to their bin's centre (in units of
-        # the bin width): small numbers, so that float32 reductions over
-        # large batches stay accurate.
-        offset = scaled - (bins + 0.5)
-        # Clipped again as integers: a NaN confidence casts to an arbitrary
-        # integer, which must still be a valid bin index.
-        bins = ops.clip(ops.cast(bins, "int32"), 0, num_bins - 1)
-        centres = (ops.arange(num_bins, dtype=dtype) + 0.5) / num_bins
-        scale = 1.0 / num_bins
     correct = ops.cast(correct, dtype)
+    if num_bins is None:
+        return _fine_bin_sums(confidence, correct, weight, dtype)
+    # Slot `ceil(c * num_bins)`, in [0, num_bins]: slot 0 holds the
+    # confidences of exactly 0, which join bin 0 at the end. Confidences are
+    # summed relative to their slot's centre (in units of the bin width):
+    # small numbers, so that float32 reductions over large batches stay
+    # accurate.
+    scaled = confidence * num_bins
+    ceiled = ops.ceil(scaled)
+    offset = (ceiled - 0.5) - scaled
+    if weight is None:
+        rows = [ops.ones_like(offset), offset, correct]
+    else:
+        weight = ops.cast(weight, dtype)
+        rows = [weight, offset * weight, correct * weight]
+    slots = num_bins + 1
+    if _values_visible(ceiled):
+        # Eager, one product with the membership matrix beats three
+        # histograms (each of which scans its indices twice on PyTorch). A
+        # NaN confidence belongs to no slot.
+        members = ops.equal(ceiled[:, None], ops.arange(slots, dtype=dtype)[None, :])
+        # `einsum`, not `matmul`, which returns float32 on PyTorch.
+        sums = ops.einsum("rn,ns->rs", ops.stack(rows), ops.cast(members, dtype))
+        weight_sum, offset_sum, correct_sum = ops.unstack(sums)
+    else:
+        # Clipped as integers: a NaN confidence casts to an arbitrary
+        # integer, which must still be a valid index.
+        index = ops.clip(ops.cast(ceiled, "int32"), 0, num_bins)
+        weight_sum, offset_sum, correct_sum = _segment_sums(rows, index, slots, dtype)
+    centres = ops.arange(slots, dtype=dtype) - 0.5
+    confidence_sum = (centres * weight_sum - offset_sum) / num_bins
+    sums = ops.stack([weight_sum, confidence_sum, correct_sum])
+    return ops.concatenate([sums[:, :1] + sums[:, 1:2], sums[:, 2:]], axis=1)
+
+
+def _fine_bin_sums(confidence, correct, weight, dtype):
+    position = ops.log1p(-confidence) * (-FINE_BINS / _FINE_RANGE)
+    bins = ops.clip(ops.floor(position), 0.0, FINE_BINS - 1.0)
+    bins = ops.clip(ops.cast(bins, "int32"), 0, FINE_BINS - 1)
+    lower, upper = _fine_edges()
+    centres = ops.convert_to_tensor((lower + upper) / 2.0, dtype)
+    offset = confidence - ops.take(centres, bins)
     if weight is not None:
         weight = ops.cast(weight, dtype)
         offset = offset * weight
         correct = correct * weight
     weight_sum, offset_sum, correct_sum = _segment_sums(
-        [weight, offset, correct], bins, size, dtype
+        [weight, offset, correct], bins, FINE_BINS, dtype
     )
-    confidence_sum = offset_sum * scale + centres * weight_sum
-    return ops.stack([weight_sum, confidence_sum, correct_sum])
+    return ops.stack([weight_sum, offset_sum + centres * weight_sum, correct_sum])
 
 
 def _ece_compute(sums, num_bins, norm, binning):
@@ -932,16 +951,17 @@ def _brier_update(labels, y_pred, weight, from_logits, num_bins, dtype):
         ops.equal(bins[:, None], ops.arange(num_bins, dtype="int32")[None, :]), dtype
     )
     label_weight = ops.cast(valid, dtype)
-    if weight is None:
-        scalars = _segment_sums([None, squares, label_prob], bins, num_bins, dtype)
-    else:
+    if weight is not None:
         weight = ops.cast(weight, dtype)
         members = members * weight[:, None]
         label_weight = label_weight * weight
-        scalars = _segment_sums(
-            [weight, weight * squares, weight * label_prob], bins, num_bins, dtype
-        )
-    prob_sums = ops.matmul(ops.transpose(members), probs)
+    # `einsum`, not `matmul`, which returns float32 for float64 on PyTorch.
+    prob_sums = ops.einsum("nb,nk->bk", members, probs)
+    scalars = ops.einsum(
+        "nb,nk->bk",
+        members,
+        ops.stack([ops.ones_like(squares), squares, label_prob], axis=1),
+    )
     safe_labels = ops.where(valid, labels, 0)
     (label_sums,) = _segment_sums(
         [label_weight], bins * num_classes + safe_labels, num_bins * num_classes, dtype
@@ -950,7 +970,7 @@ def _brier_update(labels, y_pred, weight, from_logits, num_bins, dtype):
         [
             prob_sums,
             ops.reshape(label_sums, (num_bins, num_classes)),
-            ops.stack(scalars, axis=1),
+            scalars,
         ],
         axis=1,
     )
@@ -1188,8 +1208,7 @@ def _top_label(y_pred, labels, from_logits):
     if from_logits:
         confidence = 1.0 / ops.sum(scores, axis=-1)
     else:
-        # A gather of the argmax: one pass over the probabilities, not two.
-        confidence = ops.take_along_axis(y_pred, predicted[:, None], axis=-1)[:, 0]
+        confidence = ops.max(y_pred, axis=-1)
     return confidence, ops.equal(predicted, labels)
 
 
