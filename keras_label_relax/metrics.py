@@ -730,25 +730,17 @@ def _bin_sums(confidence, correct, weight, num_bins, dtype):
     scaled = confidence * num_bins
     ceiled = ops.ceil(scaled)
     offset = (ceiled - 0.5) - scaled
-    if weight is None:
-        rows = [ops.ones_like(offset), offset, correct]
-    else:
+    rows = [None, offset, correct]
+    if weight is not None:
         weight = ops.cast(weight, dtype)
         rows = [weight, offset * weight, correct * weight]
     slots = num_bins + 1
-    if _values_visible(ceiled):
-        # Eager, one product with the membership matrix beats three
-        # histograms (each of which scans its indices twice on PyTorch). A
-        # NaN confidence belongs to no slot.
-        members = ops.equal(ceiled[:, None], ops.arange(slots, dtype=dtype)[None, :])
-        # `einsum`, not `matmul`, which returns float32 on PyTorch.
-        sums = ops.einsum("rn,ns->rs", ops.stack(rows), ops.cast(members, dtype))
-        weight_sum, offset_sum, correct_sum = ops.unstack(sums)
-    else:
-        # Clipped as integers: a NaN confidence casts to an arbitrary
-        # integer, which must still be a valid index.
-        index = ops.clip(ops.cast(ceiled, "int32"), 0, num_bins)
-        weight_sum, offset_sum, correct_sum = _segment_sums(rows, index, slots, dtype)
+    # Clipped as integers: a NaN confidence casts to an arbitrary integer,
+    # which must still be a valid index. (Eager, three histograms beat one
+    # product with an `N x (num_bins + 1)` membership matrix on every
+    # backend: its allocation alone costs more.)
+    index = ops.clip(ops.cast(ceiled, "int32"), 0, num_bins)
+    weight_sum, offset_sum, correct_sum = _segment_sums(rows, index, slots, dtype)
     centres = ops.arange(slots, dtype=dtype) - 0.5
     confidence_sum = (centres * weight_sum - offset_sum) / num_bins
     sums = ops.stack([weight_sum, confidence_sum, correct_sum])
@@ -1309,13 +1301,19 @@ _HIST_WEIGHT, _HIST_RESIDUAL = 0, 1
 
 @export
 def smooth_calibration_error(
-    y_true, y_pred, from_logits=False, bandwidth=None, sample_weight=None
+    y_true,
+    y_pred,
+    from_logits=False,
+    bandwidth=None,
+    sample_weight=None,
+    validate_args=True,
 ):
     """Smooth calibration error (smECE) of the top-label confidence.
 
     The functional form of `SmoothCalibrationError`, which documents the
     definition; it returns the same value as one `update_state()` followed by
-    `result()`, as a scalar tensor, and can be compiled.
+    `result()`, as a scalar tensor, and can be compiled (where the value
+    checks are skipped).
 
     Args:
         y_true: integer class ids, or one-hot labels of `y_pred`'s shape.
@@ -1326,6 +1324,7 @@ def smooth_calibration_error(
             `None` chooses it as Blasiok & Nakkiran do.
         sample_weight: optional non-negative weights, broadcastable to
             `y_pred.shape[:-1]`; a weight counts as that many repetitions.
+        validate_args: whether to check the values when they are visible.
 
     Returns:
         The smECE, a scalar tensor of `y_pred`'s float dtype (float32 for
@@ -1346,7 +1345,7 @@ def smooth_calibration_error(
     if _is_empty(y_pred):
         return ops.zeros((), dtype)
     histogram = _smooth_batch_histogram(
-        y_true, y_pred, sample_weight, from_logits, dtype
+        y_true, y_pred, sample_weight, from_logits, dtype, validate_args
     )
     error, _ = _smooth_error(histogram, bandwidth, dtype)
     return error
@@ -1397,12 +1396,14 @@ class SmoothCalibrationError(keras.metrics.Metric):
     fast Fourier transform at each of the 11 bandwidths the search tries, in
     `keras.ops` (so it also runs inside compiled steps); it is 0.0 before
     any update.
+    {checks}
 
     Args:
         from_logits: whether `y_pred` holds logits rather than
             probabilities.
         bandwidth: the kernel's standard deviation, a number in
             [0.001, 1], or `None` for the automatic choice.
+        validate_args: whether eager updates check their values.
         name: name of the metric instance.
         dtype: dtype of the metric's computations and state.
 
@@ -1419,11 +1420,17 @@ class SmoothCalibrationError(keras.metrics.Metric):
     """
 
     def __init__(
-        self, from_logits=False, bandwidth=None, name="smooth_ece", dtype=None
+        self,
+        from_logits=False,
+        bandwidth=None,
+        validate_args=True,
+        name="smooth_ece",
+        dtype=None,
     ):
         super().__init__(name=name, dtype=dtype)
         self.from_logits = check_bool("from_logits", from_logits)
         self.bandwidth = _check_bandwidth(bandwidth)
+        self.validate_args = check_bool("validate_args", validate_args)
         self._direction = "down"
         shape = (2, _SMOOTH_INTERVALS + 1)
         self.histogram = self.add_variable(
@@ -1441,7 +1448,12 @@ class SmoothCalibrationError(keras.metrics.Metric):
             return
         self._add_compensated(
             _smooth_batch_histogram(
-                y_true, y_pred, sample_weight, self.from_logits, self.dtype
+                y_true,
+                y_pred,
+                sample_weight,
+                self.from_logits,
+                self.dtype,
+                self.validate_args,
             )
         )
 
@@ -1525,9 +1537,13 @@ class SmoothCalibrationError(keras.metrics.Metric):
         return {
             "from_logits": self.from_logits,
             "bandwidth": self.bandwidth,
+            "validate_args": self.validate_args,
             "name": self.name,
             "dtype": self.dtype,
         }
+
+
+SmoothCalibrationError.__doc__ = _with_value_checks_note(SmoothCalibrationError.__doc__)
 
 
 def _check_bandwidth(bandwidth):
@@ -1555,14 +1571,14 @@ def _is_empty(tensor):
     )
 
 
-def _smooth_batch_histogram(y_true, y_pred, sample_weight, from_logits, dtype):
-    y_pred = ops.convert_to_tensor(y_pred)
-    labels = ops.reshape(class_ids(ops.convert_to_tensor(y_true), y_pred), (-1,))
-    y_pred = ops.cast(y_pred, dtype)
+def _smooth_batch_histogram(
+    y_true, y_pred, sample_weight, from_logits, dtype, validate_args
+):
+    """The histogram of a non-empty batch."""
+    labels, y_pred, weight = _flat_inputs(
+        y_true, y_pred, sample_weight, dtype, from_logits, validate_args
+    )
     confidence, correct = _top_label(y_pred, labels, from_logits)
-    weight = None
-    if sample_weight is not None:
-        weight = _flat_weights(sample_weight, y_pred, dtype)
     return _smooth_histogram(confidence, correct, weight, dtype)
 
 
