@@ -1117,17 +1117,19 @@ def _values_visible(x):
 def _check_values(labels, y_pred, weight, from_logits):
     """Raises a `ValueError` saying what is wrong with the values and how often.
 
-    One host transfer of a few reductions when all is well; the exact
-    checks and the counts run only when that summary looks wrong.
+    One host transfer of a few reductions when all is well; the counts are
+    computed only for the message. (The sum catches NaN, which JAX's `min`
+    and `max` may skip; integer reductions over the bit patterns, which
+    would need no sum, cost more on JAX, where the bitcast copies.)
     """
+    num_classes = y_pred.shape[-1]
     dtype = y_pred.dtype
     summary = [ops.cast(ops.min(labels), dtype), ops.cast(ops.max(labels), dtype)]
     if not from_logits:
-        summary.append(ops.cast(_probabilities_look_valid(y_pred), dtype))
+        summary += [ops.min(y_pred), ops.max(y_pred), ops.sum(y_pred)]
     if weight is not None:
         summary += [ops.min(weight), ops.sum(weight)]
     summary = ops.convert_to_numpy(ops.stack(summary)).tolist()
-    num_classes = y_pred.shape[-1]
     low, high = summary[:2]
     if low < 0 or high >= num_classes:
         bad = ops.logical_or(labels < 0, labels >= num_classes)
@@ -1137,8 +1139,16 @@ def _check_values(labels, y_pred, weight, from_logits):
             f"`y_pred.shape[-1]`). Received: class ids from {int(low)} to "
             f"{int(high)}"
         )
-    if not from_logits and not summary[2]:
-        _check_probabilities(y_pred)
+    if not from_logits:
+        low, high, total = summary[2:5]
+        if not (low >= 0 and high <= 1 and math.isfinite(total)):
+            inside = ops.logical_and(y_pred >= 0, y_pred <= 1)
+            raise ValueError(
+                f"Invalid values in `y_pred`: {_count(ops.logical_not(inside))} of "
+                f"{labels.shape[0] * num_classes} probabilities are outside "
+                "[0, 1] or NaN (pass `from_logits=True` for logits). Received: "
+                f"values from {low} to {high}"
+            )
     if weight is not None:
         low, total = summary[-2:]
         if not (low >= 0 and math.isfinite(total)):
@@ -1149,30 +1159,6 @@ def _check_values(labels, y_pred, weight, from_logits):
                 f"{negative} are negative and {not_finite} are not finite. "
                 f"Received: smallest weight {low}"
             )
-
-
-def _probabilities_look_valid(y_pred):
-    """Whether all bit patterns lie between those of 0.0 and 1.0: two integer
-    reductions, where float ones need a third for NaN. (It rejects -0.0,
-    which `_check_probabilities` then accepts.)"""
-    int_dtype = _SAME_WIDTH_INT[keras.backend.standardize_dtype(y_pred.dtype)]
-    bits = ops.view(y_pred, int_dtype)
-    one = ops.view(ops.ones((), y_pred.dtype), int_dtype)
-    return ops.logical_and(ops.min(bits) >= 0, ops.max(bits) <= one)
-
-
-def _check_probabilities(y_pred):
-    low, high, total = ops.convert_to_numpy(
-        ops.stack([ops.min(y_pred), ops.max(y_pred), ops.sum(y_pred)])
-    ).tolist()
-    if not (low >= 0 and high <= 1 and math.isfinite(total)):
-        inside = ops.logical_and(y_pred >= 0, y_pred <= 1)
-        raise ValueError(
-            f"Invalid values in `y_pred`: {_count(ops.logical_not(inside))} of "
-            f"{y_pred.shape[0] * y_pred.shape[-1]} probabilities are outside "
-            "[0, 1] or NaN (pass `from_logits=True` for logits). Received: "
-            f"values from {low} to {high}"
-        )
 
 
 def _count(mask):
