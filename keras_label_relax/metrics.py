@@ -393,9 +393,14 @@ class ClasswiseCalibrationError(_SumsMetric):
             self._build(_num_classes(y_pred))
         inputs = self._inputs(y_true, y_pred, sample_weight)
         if inputs is not None:
-            self._add_compensated(
-                _classwise_update(*inputs, self.from_logits, self.num_bins, self.dtype)
+            update = _classwise_update(
+                *inputs,
+                self.from_logits,
+                self.num_bins,
+                self.dtype,
+                checked=_checked(self.validate_args, inputs[1]),
             )
+            self._add_compensated(update)
 
     def result(self):
         if self.bin_sums is None:
@@ -647,8 +652,9 @@ def classwise_calibration_error(
     )
     if inputs is None:
         return ops.zeros((), dtype)
+    checked = _checked(validate_args, inputs[1])
     return _classwise_compute(
-        _classwise_update(*inputs, from_logits, num_bins, dtype), norm
+        _classwise_update(*inputs, from_logits, num_bins, dtype, checked), norm
     )
 
 
@@ -713,38 +719,49 @@ def _bin_sums(confidence, correct, weight, num_bins, dtype):
     `FINE_BINS` bins of the equal-mass histogram.
     """
     confidence = ops.cast(confidence, dtype)
-    if num_bins is None:
-        size = FINE_BINS
-        position = ops.log1p(-confidence) * (-FINE_BINS / _FINE_RANGE)
-        bins = ops.clip(ops.floor(position), 0.0, FINE_BINS - 1.0)
-        bins = ops.clip(ops.cast(bins, "int32"), 0, FINE_BINS - 1)
-        lower, upper = _fine_edges()
-        centres = ops.convert_to_tensor((lower + upper) / 2.0, dtype)
-        offset = confidence - ops.take(centres, bins)
-        scale = 1.0
-    else:
-        size = num_bins
-        scaled = confidence * num_bins
-        bins = ops.clip(ops.ceil(scaled) - 1.0, 0.0, num_bins - 1.0)
-        # Confidences are summed relative to their bin's centre (in units of
-        # the bin width): small numbers, so that float32 reductions over
-        # large batches stay accurate.
-        offset = scaled - (bins + 0.5)
-        # Clipped again as integers: a NaN confidence casts to an arbitrary
-        # integer, which must still be a valid bin index.
-        bins = ops.clip(ops.cast(bins, "int32"), 0, num_bins - 1)
-        centres = (ops.arange(num_bins, dtype=dtype) + 0.5) / num_bins
-        scale = 1.0 / num_bins
     correct = ops.cast(correct, dtype)
+    if num_bins is None:
+        return _fine_bin_sums(confidence, correct, weight, dtype)
+    # Slot `ceil(c * num_bins)`, in [0, num_bins]: slot 0 holds the
+    # confidences of exactly 0, which join bin 0 at the end. Confidences are
+    # summed relative to their slot's centre (in units of the bin width):
+    # small numbers, so that float32 reductions over large batches stay
+    # accurate.
+    scaled = confidence * num_bins
+    ceiled = ops.ceil(scaled)
+    offset = (ceiled - 0.5) - scaled
+    rows = [None, offset, correct]
+    if weight is not None:
+        weight = ops.cast(weight, dtype)
+        rows = [weight, offset * weight, correct * weight]
+    slots = num_bins + 1
+    # Clipped as integers: a NaN confidence casts to an arbitrary integer,
+    # which must still be a valid index. (Eager, three histograms beat one
+    # product with an `N x (num_bins + 1)` membership matrix on every
+    # backend: its allocation alone costs more.)
+    index = ops.clip(ops.cast(ceiled, "int32"), 0, num_bins)
+    weight_sum, offset_sum, correct_sum = _segment_sums(rows, index, slots, dtype)
+    centres = ops.arange(slots, dtype=dtype) - 0.5
+    confidence_sum = (centres * weight_sum - offset_sum) / num_bins
+    sums = ops.stack([weight_sum, confidence_sum, correct_sum])
+    return ops.concatenate([sums[:, :1] + sums[:, 1:2], sums[:, 2:]], axis=1)
+
+
+def _fine_bin_sums(confidence, correct, weight, dtype):
+    position = ops.log1p(-confidence) * (-FINE_BINS / _FINE_RANGE)
+    bins = ops.clip(ops.floor(position), 0.0, FINE_BINS - 1.0)
+    bins = ops.clip(ops.cast(bins, "int32"), 0, FINE_BINS - 1)
+    lower, upper = _fine_edges()
+    centres = ops.convert_to_tensor((lower + upper) / 2.0, dtype)
+    offset = confidence - ops.take(centres, bins)
     if weight is not None:
         weight = ops.cast(weight, dtype)
         offset = offset * weight
         correct = correct * weight
     weight_sum, offset_sum, correct_sum = _segment_sums(
-        [weight, offset, correct], bins, size, dtype
+        [weight, offset, correct], bins, FINE_BINS, dtype
     )
-    confidence_sum = offset_sum * scale + centres * weight_sum
-    return ops.stack([weight_sum, confidence_sum, correct_sum])
+    return ops.stack([weight_sum, offset_sum + centres * weight_sum, correct_sum])
 
 
 def _ece_compute(sums, num_bins, norm, binning):
@@ -841,23 +858,40 @@ def _fine_edges():
     return edges[:-1], edges[1:]
 
 
-def _classwise_update(labels, y_pred, weight, from_logits, num_bins, dtype):
-    """Per-class, per-bin sums `(3, K, num_bins)` of weight, p_k, [y == k]."""
+def _classwise_update(
+    labels, y_pred, weight, from_logits, num_bins, dtype, checked=False
+):
+    """Per-class, per-bin sums `(3, K, num_bins)` of weight, p_k, [y == k].
+
+    Each probability goes to slot `ceil(p_k * num_bins)` of its class, in
+    `[0, num_bins]`: slot 0 holds the probabilities of exactly 0, which
+    bin 0 takes afterwards, so values that passed the checks (`checked`)
+    need no clipping pass. Probabilities are summed relative to their
+    slot's centre (`ceil - 0.5`), small numbers that keep float32 sums
+    accurate. Every pass over the `N x K` probabilities counts here: six,
+    plus the two histograms.
+    """
     probs = ops.softmax(y_pred, axis=-1) if from_logits else y_pred
     num_classes = probs.shape[-1]
+    slots_per_class = num_bins + 1
     scaled = probs * num_bins
-    bins = ops.clip(ops.ceil(scaled) - 1.0, 0.0, num_bins - 1.0)
-    offset = scaled - (bins + 0.5)
-    bins = ops.clip(ops.cast(bins, "int32"), 0, num_bins - 1)
-    slots = bins + ops.arange(num_classes, dtype="int32") * num_bins
-    size = num_classes * num_bins
+    ceiled = ops.ceil(scaled)
+    offset = (ceiled - 0.5) - scaled
+    slot_ids = ops.cast(ceiled, "int32")
+    if from_logits or not checked:
+        # Unchecked values may lie anywhere (or be NaN, which casts to an
+        # arbitrary integer): the index must still be valid.
+        slot_ids = ops.clip(slot_ids, 0, num_bins)
+    slot_ids = slot_ids + ops.arange(num_classes, dtype="int32") * slots_per_class
+    size = num_classes * slots_per_class
     valid = ops.logical_and(labels >= 0, labels < num_classes)
     safe_labels = ops.where(valid, labels, 0)
-    label_slots = ops.take_along_axis(slots, safe_labels[:, None], axis=-1)[:, 0]
+    label_slots = ops.take_along_axis(slot_ids, safe_labels[:, None], axis=-1)[:, 0]
     label_weight = ops.cast(valid, dtype)
+    slot_ids = ops.reshape(slot_ids, (-1,))
     if weight is None:
         counts, offsets = _segment_sums(
-            [None, ops.reshape(offset, (-1,))], ops.reshape(slots, (-1,)), size, dtype
+            [None, ops.reshape(offset, (-1,))], slot_ids, size, dtype
         )
     else:
         weight = ops.cast(weight, dtype)
@@ -867,16 +901,18 @@ def _classwise_update(labels, y_pred, weight, from_logits, num_bins, dtype):
                 ops.reshape(ops.broadcast_to(weight[:, None], ops.shape(probs)), (-1,)),
                 ops.reshape(offset * weight[:, None], (-1,)),
             ],
-            ops.reshape(slots, (-1,)),
+            slot_ids,
             size,
             dtype,
         )
     (correct,) = _segment_sums([label_weight], label_slots, size, dtype)
-    centres = ops.tile((ops.arange(num_bins, dtype=dtype) + 0.5), (num_classes,))
-    confidence = (offsets + centres * counts) / num_bins
-    return ops.reshape(
-        ops.stack([counts, confidence, correct]), (3, num_classes, num_bins)
+    centres = ops.tile(ops.arange(slots_per_class, dtype=dtype) - 0.5, (num_classes,))
+    confidence = (centres * counts - offsets) / num_bins
+    sums = ops.reshape(
+        ops.stack([counts, confidence, correct]), (3, num_classes, slots_per_class)
     )
+    # Slot 0 (probabilities of exactly 0) joins bin 0.
+    return ops.concatenate([sums[:, :, :1] + sums[:, :, 1:2], sums[:, :, 2:]], axis=-1)
 
 
 def _classwise_compute(sums, norm):
@@ -902,21 +938,14 @@ def _brier_update(labels, y_pred, weight, from_logits, num_bins, dtype):
     confidence = ops.max(probs, axis=-1)
     bins = ops.clip(ops.ceil(confidence * num_bins) - 1.0, 0.0, num_bins - 1.0)
     bins = ops.clip(ops.cast(bins, "int32"), 0, num_bins - 1)
-    # A comparison, not `ops.one_hot`: several times faster on PyTorch.
-    members = ops.cast(
-        ops.equal(bins[:, None], ops.arange(num_bins, dtype="int32")[None, :]), dtype
-    )
     label_weight = ops.cast(valid, dtype)
-    if weight is None:
-        scalars = _segment_sums([None, squares, label_prob], bins, num_bins, dtype)
-    else:
+    rows = [None, squares, label_prob]
+    if weight is not None:
         weight = ops.cast(weight, dtype)
-        members = members * weight[:, None]
         label_weight = label_weight * weight
-        scalars = _segment_sums(
-            [weight, weight * squares, weight * label_prob], bins, num_bins, dtype
-        )
-    prob_sums = ops.matmul(ops.transpose(members), probs)
+        rows = [weight, weight * squares, weight * label_prob]
+    scalars = ops.stack(_segment_sums(rows, bins, num_bins, dtype), axis=1)
+    prob_sums = _per_bin_vector_sums(probs, weight, bins, num_bins, dtype)
     safe_labels = ops.where(valid, labels, 0)
     (label_sums,) = _segment_sums(
         [label_weight], bins * num_classes + safe_labels, num_bins * num_classes, dtype
@@ -925,18 +954,50 @@ def _brier_update(labels, y_pred, weight, from_logits, num_bins, dtype):
         [
             prob_sums,
             ops.reshape(label_sums, (num_bins, num_classes)),
-            ops.stack(scalars, axis=1),
+            scalars,
         ],
         axis=1,
     )
     return totals, per_bin
 
 
+def _per_bin_vector_sums(probs, weight, bins, num_bins, dtype):
+    """The (weighted) sums of the probability vectors per bin, `(num_bins, K)`.
+
+    Eager on TensorFlow and PyTorch with no more classes than bins, a
+    histogram of each class's column: the columns copied are no larger than
+    the `N x num_bins` membership matrix, whose allocation and cast cost
+    more than ten histograms of `N` values. Otherwise (more classes: 100
+    columns cost 2-3x the matrix; JAX, whose histograms are scatters;
+    compiled) the product with that matrix.
+    """
+    num_classes = probs.shape[-1]
+    if (
+        num_classes <= num_bins
+        and _values_visible(bins)
+        and keras.backend.backend() in ("tensorflow", "torch")
+    ):
+        values = probs if weight is None else probs * weight[:, None]
+        columns = _segment_sums(
+            [values[:, k] for k in range(num_classes)], bins, num_bins, dtype
+        )
+        return ops.stack(columns, axis=1)
+    # A comparison, not `ops.one_hot`: several times faster on PyTorch.
+    members = ops.cast(
+        ops.equal(bins[:, None], ops.arange(num_bins, dtype="int32")[None, :]), dtype
+    )
+    if weight is not None:
+        members = members * weight[:, None]
+    # `einsum`, not `matmul`, which returns float32 for float64 on PyTorch.
+    return ops.einsum("nb,nk->bk", members, probs)
+
+
 def _brier_terms(labels, y_pred, from_logits):
     """Probabilities, `||p||**2`, `p_y` (0 for a bad label) and validity."""
     probs = ops.softmax(y_pred, axis=-1) if from_logits else y_pred
     num_classes = probs.shape[-1]
-    squares = ops.sum(ops.square(probs), axis=-1)
+    # Row-wise dot products: no `N x K` temporary, unlike `sum(square(p))`.
+    squares = ops.einsum("nk,nk->n", probs, probs)
     valid = ops.logical_and(labels >= 0, labels < num_classes)
     safe_labels = ops.where(valid, labels, 0)
     label_prob = ops.take_along_axis(probs, safe_labels[:, None], axis=-1)[:, 0]
@@ -1046,9 +1107,14 @@ def _flat_inputs(y_true, y_pred, sample_weight, dtype, from_logits, validate_arg
     num_classes = y_pred.shape[-1]
     labels = ops.reshape(labels, (-1,))
     y_pred = ops.reshape(ops.cast(y_pred, dtype), (-1, num_classes))
-    if validate_args and _values_visible(y_pred):
+    if _checked(validate_args, y_pred):
         _check_values(labels, y_pred, weight, from_logits)
     return labels, y_pred, weight
+
+
+def _checked(validate_args, y_pred):
+    """Whether `_flat_inputs` checked the values of `y_pred`."""
+    return validate_args and _values_visible(y_pred)
 
 
 def _values_visible(x):
@@ -1075,7 +1141,9 @@ def _check_values(labels, y_pred, weight, from_logits):
     """Raises a `ValueError` saying what is wrong with the values and how often.
 
     One host transfer of a few reductions when all is well; the counts are
-    computed only for the message.
+    computed only for the message. (The sum catches NaN, which JAX's `min`
+    and `max` may skip; integer reductions over the bit patterns, which
+    would need no sum, cost more on JAX, where the bitcast copies.)
     """
     num_classes = y_pred.shape[-1]
     dtype = y_pred.dtype
@@ -1127,22 +1195,22 @@ def _top_label(y_pred, labels, from_logits):
     picks it; with logits, of largest softmax probability.
     """
     y_pred = ops.reshape(y_pred, (-1, ops.shape(y_pred)[-1]))
+    scores = y_pred
     if from_logits:
         # Softmax numerators, in (0, 1]; the largest probability is
         # 1 / sum_k exp(z_k - max z).
         scores = ops.exp(y_pred - ops.max(y_pred, axis=-1, keepdims=True))
-        confidence = 1.0 / ops.sum(scores, axis=-1)
-    else:
-        scores = y_pred
-        confidence = ops.max(scores, axis=-1)
     # The bit patterns of non-negative floats, read as integers, order like
     # the floats, and an integer argmax runs 2-4x faster than a float one.
     bits = ops.view(
         scores, _SAME_WIDTH_INT[keras.backend.standardize_dtype(scores.dtype)]
     )
-    predicted = ops.argmax(bits, axis=-1)
-    correct = ops.equal(ops.cast(predicted, "int32"), labels)
-    return confidence, correct
+    predicted = ops.cast(ops.argmax(bits, axis=-1), "int32")
+    if from_logits:
+        confidence = 1.0 / ops.sum(scores, axis=-1)
+    else:
+        confidence = ops.max(y_pred, axis=-1)
+    return confidence, ops.equal(predicted, labels)
 
 
 def _flat_weights(sample_weight, y_pred, dtype):
@@ -1183,30 +1251,31 @@ def _segment_sums(rows, segment_ids, num_segments, dtype):
     Compiled, an accumulating scatter (as fast as `segment_sum` under XLA,
     a third of the passes of Keras' PyTorch `segment_sum`). Eager, the
     backend's fastest kernel: `bincount` on TensorFlow (10x its scatter on
-    a CPU) and PyTorch, `segment_sum` on JAX.
+    a CPU) and PyTorch, `segment_sum` on JAX (twice as fast as its
+    `bincount`, both scatters).
     """
-    if _values_visible(segment_ids):
-        backend = keras.backend.backend()
-        if backend == "torch":
-            import torch
+    visible = _values_visible(segment_ids)
+    backend = keras.backend.backend()
+    if visible and backend == "torch":
+        import torch
 
-            return [
-                ops.cast(torch.bincount(segment_ids, row, num_segments), dtype)
-                for row in rows
-            ]
-        if backend == "tensorflow":
-            return [
-                ops.cast(
-                    ops.bincount(segment_ids, weights=row, minlength=num_segments),
-                    dtype,
-                )
-                for row in rows
-            ]
+        # Not `ops.bincount`: on PyTorch it returns float32 for float64 weights.
+        return [
+            ops.cast(torch.bincount(segment_ids, row, num_segments), dtype)
+            for row in rows
+        ]
+    if visible and backend == "tensorflow":
+        return [
+            ops.cast(
+                ops.bincount(segment_ids, weights=row, minlength=num_segments), dtype
+            )
+            for row in rows
+        ]
     if rows[0] is None:
         rows = [ops.ones_like(rows[1])] + list(rows[1:])
     # Stacked as rows and transposed: a view, cheaper than interleaving.
     values = ops.transpose(ops.stack(rows))
-    if _values_visible(segment_ids):
+    if visible:
         sums = ops.segment_sum(values, segment_ids, num_segments)
     else:
         sums = ops.scatter_update(
@@ -1241,13 +1310,19 @@ _HIST_WEIGHT, _HIST_RESIDUAL = 0, 1
 
 @export
 def smooth_calibration_error(
-    y_true, y_pred, from_logits=False, bandwidth=None, sample_weight=None
+    y_true,
+    y_pred,
+    from_logits=False,
+    bandwidth=None,
+    sample_weight=None,
+    validate_args=True,
 ):
     """Smooth calibration error (smECE) of the top-label confidence.
 
     The functional form of `SmoothCalibrationError`, which documents the
     definition; it returns the same value as one `update_state()` followed by
-    `result()`, as a scalar tensor, and can be compiled.
+    `result()`, as a scalar tensor, and can be compiled (where the value
+    checks are skipped).
 
     Args:
         y_true: integer class ids, or one-hot labels of `y_pred`'s shape.
@@ -1258,6 +1333,7 @@ def smooth_calibration_error(
             `None` chooses it as Blasiok & Nakkiran do.
         sample_weight: optional non-negative weights, broadcastable to
             `y_pred.shape[:-1]`; a weight counts as that many repetitions.
+        validate_args: whether to check the values when they are visible.
 
     Returns:
         The smECE, a scalar tensor of `y_pred`'s float dtype (float32 for
@@ -1278,7 +1354,7 @@ def smooth_calibration_error(
     if _is_empty(y_pred):
         return ops.zeros((), dtype)
     histogram = _smooth_batch_histogram(
-        y_true, y_pred, sample_weight, from_logits, dtype
+        y_true, y_pred, sample_weight, from_logits, dtype, validate_args
     )
     error, _ = _smooth_error(histogram, bandwidth, dtype)
     return error
@@ -1329,12 +1405,14 @@ class SmoothCalibrationError(keras.metrics.Metric):
     fast Fourier transform at each of the 11 bandwidths the search tries, in
     `keras.ops` (so it also runs inside compiled steps); it is 0.0 before
     any update.
+    {checks}
 
     Args:
         from_logits: whether `y_pred` holds logits rather than
             probabilities.
         bandwidth: the kernel's standard deviation, a number in
             [0.001, 1], or `None` for the automatic choice.
+        validate_args: whether eager updates check their values.
         name: name of the metric instance.
         dtype: dtype of the metric's computations and state.
 
@@ -1351,11 +1429,17 @@ class SmoothCalibrationError(keras.metrics.Metric):
     """
 
     def __init__(
-        self, from_logits=False, bandwidth=None, name="smooth_ece", dtype=None
+        self,
+        from_logits=False,
+        bandwidth=None,
+        validate_args=True,
+        name="smooth_ece",
+        dtype=None,
     ):
         super().__init__(name=name, dtype=dtype)
         self.from_logits = check_bool("from_logits", from_logits)
         self.bandwidth = _check_bandwidth(bandwidth)
+        self.validate_args = check_bool("validate_args", validate_args)
         self._direction = "down"
         shape = (2, _SMOOTH_INTERVALS + 1)
         self.histogram = self.add_variable(
@@ -1373,7 +1457,12 @@ class SmoothCalibrationError(keras.metrics.Metric):
             return
         self._add_compensated(
             _smooth_batch_histogram(
-                y_true, y_pred, sample_weight, self.from_logits, self.dtype
+                y_true,
+                y_pred,
+                sample_weight,
+                self.from_logits,
+                self.dtype,
+                self.validate_args,
             )
         )
 
@@ -1457,9 +1546,13 @@ class SmoothCalibrationError(keras.metrics.Metric):
         return {
             "from_logits": self.from_logits,
             "bandwidth": self.bandwidth,
+            "validate_args": self.validate_args,
             "name": self.name,
             "dtype": self.dtype,
         }
+
+
+SmoothCalibrationError.__doc__ = _with_value_checks_note(SmoothCalibrationError.__doc__)
 
 
 def _check_bandwidth(bandwidth):
@@ -1487,14 +1580,14 @@ def _is_empty(tensor):
     )
 
 
-def _smooth_batch_histogram(y_true, y_pred, sample_weight, from_logits, dtype):
-    y_pred = ops.convert_to_tensor(y_pred)
-    labels = ops.reshape(class_ids(ops.convert_to_tensor(y_true), y_pred), (-1,))
-    y_pred = ops.cast(y_pred, dtype)
+def _smooth_batch_histogram(
+    y_true, y_pred, sample_weight, from_logits, dtype, validate_args
+):
+    """The histogram of a non-empty batch."""
+    labels, y_pred, weight = _flat_inputs(
+        y_true, y_pred, sample_weight, dtype, from_logits, validate_args
+    )
     confidence, correct = _top_label(y_pred, labels, from_logits)
-    weight = None
-    if sample_weight is not None:
-        weight = _flat_weights(sample_weight, y_pred, dtype)
     return _smooth_histogram(confidence, correct, weight, dtype)
 
 

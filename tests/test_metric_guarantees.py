@@ -573,3 +573,30 @@ def test_mismatched_shapes(case):
         metric.update_state(np.zeros(3), np.full((4, 5), 0.2))
     with pytest.raises(ValueError, match="sample_weight"):
         metric.update_state(np.zeros(4), np.full((4, 5), 0.2), np.ones(3))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_brier_decomposition_matches_reference_when_streamed(dtype):
+    if dtype == "float64" and BACKEND == "jax":
+        pytest.skip("JAX needs x64 for float64")
+    _, labels, probs = random_predictions(num_samples=3000, num_classes=6, seed=31)
+    probs = probs.astype(dtype)
+    probs[:5] = np.eye(6, dtype=dtype)[:5]  # confidences of exactly 1
+    weights = np.random.default_rng(32).uniform(0, 2, len(labels))
+    metric = BrierScore(num_bins=8, dtype=dtype)
+    for index in np.array_split(np.arange(len(labels)), 3):
+        metric.update_state(labels[index], probs[index], weights[index])
+    terms = metric.decomposition()
+    expected = reference.brier_decomposition(labels, probs, 8, weights)
+    tolerance = 1e-12 if dtype == "float64" else 1e-6
+    assert terms.keys() == expected.keys()
+    for key, value in expected.items():
+        assert terms[key] == pytest.approx(value, abs=tolerance), key
+    recombined = (
+        terms["reliability"]
+        - terms["resolution"]
+        + terms["uncertainty"]
+        + terms["within_bin_variance"]
+        - 2 * terms["within_bin_covariance"]
+    )
+    assert recombined == pytest.approx(terms["brier"], abs=tolerance)

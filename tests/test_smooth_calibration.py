@@ -440,12 +440,17 @@ def test_keras_round_trip_and_evaluate(tmp_path):
 
 def test_config_round_trip():
     metric = SmoothCalibrationError(
-        from_logits=True, bandwidth=0.05, name="sm", dtype="float32"
+        from_logits=True,
+        bandwidth=0.05,
+        validate_args=False,
+        name="sm",
+        dtype="float32",
     )
     config = metric.get_config()
     assert config == {
         "from_logits": True,
         "bandwidth": 0.05,
+        "validate_args": False,
         "name": "sm",
         "dtype": "float32",
     }
@@ -474,6 +479,64 @@ def test_bad_arguments():
         SmoothCalibrationError().reliability_curve(num_points=1)
     with pytest.raises(ValueError, match=r"y_true.shape=\(3,\)"):
         SmoothCalibrationError().update_state(np.zeros(3), np.full((4, 5), 0.2))
+    with pytest.raises(ValueError, match="validate_args.*1"):
+        SmoothCalibrationError(validate_args=1)
+
+
+# --- value checks ----------------------------------------------------------
+
+
+def check_both(labels, probs, weights, pattern):
+    """The metric's update and the function raise `pattern`."""
+    with pytest.raises(ValueError, match=pattern):
+        SmoothCalibrationError().update_state(labels, probs, weights)
+    with pytest.raises(ValueError, match=pattern):
+        smooth_calibration_error(labels, probs, sample_weight=weights)
+
+
+def test_bad_class_ids_raise_with_a_count():
+    probs = np.full((4, 3), 1 / 3, np.float32)
+    for labels in ([0, 3, 1, 7], [-1, 0, 1, 3]):
+        pattern = r"y_true.*2 of 4 class ids are outside \[0, 3\)"
+        check_both(np.array(labels), probs, None, pattern)
+
+
+def test_bad_probabilities_raise_with_a_count():
+    probs = np.full((4, 3), 1 / 3, np.float32)
+    probs[0, 0] = -0.1
+    probs[1, 2] = 1.5
+    probs[3, 1] = np.nan
+    check_both(np.arange(4) % 3, probs, None, r"y_pred.*3 of 12 probabilities")
+    # Logits are not probabilities: any finite value is fine.
+    logits = np.array([[-5.0, 2.0, 7.0]] * 4, np.float32)
+    value = smooth_calibration_error(np.arange(4) % 3, logits, from_logits=True)
+    assert np.isfinite(float(value))
+
+
+def test_bad_weights_raise_with_counts():
+    probs = np.full((6, 2), 0.5, np.float32)
+    weights = np.array([1.0, -2.0, np.inf, np.nan, -1.0, 0.5], np.float32)
+    pattern = r"sample_weight.*of 6 weights, 2 are negative and 2 are not finite"
+    check_both(np.zeros(6, np.int32), probs, weights, pattern)
+
+
+def test_probabilities_of_exactly_0_and_1_and_negative_zero_pass():
+    probs = np.array([[1.0, 0.0], [-0.0, 1.0]], np.float32)
+    value = smooth_calibration_error([0, 1], probs)
+    assert float(value) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_checks_can_be_switched_off():
+    probs = np.full((4, 3), 1 / 3, np.float32)
+    labels = np.array([0, 1, 2, 5])
+    weights = np.array([1, 1, 1, -1], np.float32)
+    metric = SmoothCalibrationError(validate_args=False)
+    metric.update_state(labels, probs, weights)
+    assert np.isfinite(float(metric.result()))
+    value = smooth_calibration_error(
+        labels, probs, sample_weight=weights, validate_args=False
+    )
+    assert np.isfinite(float(value))
 
 
 JAX_SCRIPT = """
