@@ -146,9 +146,9 @@ def _table(results, repeats, cv_shape):
     lines = [
         "### Post-hoc calibrators",
         "",
-        f"Machine: {machine_description()}; {_versions()}. The machine was "
-        "shared with other jobs while this ran (see the load average), so "
-        "the times are noisy; the ratio column compares fits timed "
+        f"Machine: {machine_description()}; {_versions()}. The load "
+        "average says whether other work shared the machine (the benchmark "
+        "itself keeps about 2 cores busy); the ratio column compares fits timed "
         "alternately in the same process. "
         f"{SHAPE[0]:,} x {SHAPE[1]} float32 logits (calibrated logits "
         "2 N(0, 1) times 1.5 times a per-class factor from 0.7 to 1.3), one "

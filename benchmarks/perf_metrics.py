@@ -266,8 +266,8 @@ def _table(results, repeats):
     lines = [
         "### Calibration metrics",
         "",
-        f"Machine: {machine_description()}; {_versions()}. A shared machine "
-        "that other work was using too: times are noisy, and each speed-up is "
+        f"Machine: {machine_description()}; {_versions()}. The load "
+        "average says whether other work shared the machine; each speed-up is "
         "a ratio of medians from one alternating race in one process per "
         f"backend. N = {NUM_SAMPLES:,} float32 probabilities (logits "
         "3 * N(0, 1), uniform labels, seed 0), 15 bins. Eager columns: "
