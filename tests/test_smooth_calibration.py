@@ -583,21 +583,28 @@ print("RESULT " + json.dumps(
 """
 
 
+def distributed_reference(logits):
+    """smECE (bandwidth 0.05) of the distributed scripts' model logits, with
+    the labels and weights those scripts draw after their inputs."""
+    rng = np.random.default_rng(0)
+    rng.standard_normal((512, 4))
+    labels = rng.integers(0, 3, 512)
+    weights = rng.uniform(0, 2, 512).astype(np.float32)
+    expected, _ = reference(
+        *top_label(labels, softmax(np.array(logits, np.float32))),
+        weight=weights,
+        bandwidth=0.05,
+    )
+    return expected
+
+
 @pytest.mark.skipif(BACKEND != "jax", reason="runs once, from the JAX test session")
 def test_jax_data_parallel_over_four_devices():
     result = distributed.run_script(
         "jax", JAX_SCRIPT, {"JAX_NUM_CPU_DEVICES": "4", "JAX_PLATFORMS": "cpu"}
     )
     assert result["replicas"] == 4
-    rng = np.random.default_rng(0)
-    rng.standard_normal((512, 4))
-    labels = rng.integers(0, 3, 512)
-    weights = rng.uniform(0, 2, 512).astype(np.float32)
-    expected, _ = reference(
-        *top_label(labels, softmax(np.array(result["logits"], np.float32))),
-        weight=weights,
-        bandwidth=0.05,
-    )
+    expected = distributed_reference(result["logits"])
     parallel = result["parallel"]["smooth_ece"]
     assert parallel == pytest.approx(result["single"]["smooth_ece"], abs=1e-6)
     assert parallel == pytest.approx(expected, abs=1e-5)
@@ -637,13 +644,5 @@ print("RESULT " + json.dumps(
 def test_tensorflow_mirrored_strategy_over_two_cpus():
     result = distributed.run_script("tensorflow", distributed.TF_SETUP + TF_SCRIPT)
     assert result["replicas"] == 2
-    rng = np.random.default_rng(0)
-    rng.standard_normal((512, 4))
-    labels = rng.integers(0, 3, 512)
-    weights = rng.uniform(0, 2, 512).astype(np.float32)
-    expected, _ = reference(
-        *top_label(labels, softmax(np.array(result["logits"], np.float32))),
-        weight=weights,
-        bandwidth=0.05,
-    )
+    expected = distributed_reference(result["logits"])
     assert result["parallel"]["smooth_ece"] == pytest.approx(expected, abs=1e-5)
