@@ -113,13 +113,12 @@ def _training(config, sizes, kind, dataset, seed, loss, value, key):
 
 
 def trials(config, sizes):
-    """The searches' trainings: every grid point of every tuned loss whose
-    grid has more than one value (a one-value grid has nothing to choose)."""
+    """The searches' trainings: every grid point of every searched loss."""
     planned = []
     for dataset in config.datasets:
         for seed in config.seeds:
             for loss in config.tuned_losses:
-                if len(config.grids[loss]) == 1:
+                if not config.is_searched(loss):
                     continue
                 for value in config.grids[loss]:
                     key = trial_key(dataset, seed, loss, value)

@@ -362,8 +362,8 @@ class Runner:
         for index, (dataset, seed, loss, scheme) in enumerate(self._search_list()):
             spec = protocol.LOSS_SPECS[loss]
             grid = self.config.grids[loss]
-            if len(grid) == 1:
-                # Nothing to choose: no trial trained, no validation score.
+            if not self.config.is_searched(loss):
+                # No trial trained, so no validation score.
                 self._select(dataset, seed, loss, scheme, grid[0], None, selections)
                 continue
 

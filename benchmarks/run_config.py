@@ -37,6 +37,11 @@ class RunConfig:
     def tuned_losses(self):
         return tuple(loss for loss in self.losses if protocol.LOSS_SPECS[loss].param)
 
+    def is_searched(self, loss):
+        """Whether `loss`'s grid leaves a choice: one value has nothing to
+        search, so it is chosen without trials."""
+        return len(self.grids[loss]) > 1
+
     def to_dict(self):
         return json.loads(json.dumps(dataclasses.asdict(self)))
 

@@ -5,6 +5,7 @@ backend; `benchmarks.population.PopulationTrainer` (JAX) trains many at once.
 Both draw the same initial weights, batches and losses from here.
 """
 
+import functools
 import time
 
 import keras
@@ -35,7 +36,7 @@ def loss_function(loss, config):
     function = getattr(library_losses, spec.function)
     if not spec.param:
         return lambda y_true, logits, value: function(y_true, logits, from_logits=True)
-    options = {"weight": protocol.MBLS_WEIGHT} if loss == "mbls" else {}
+    options = _fixed_options(loss)
     return lambda y_true, logits, value: function(
         y_true, logits, value, from_logits=True, **options
     )
@@ -67,8 +68,12 @@ def make_loss(loss, value, config):
     loss_class = getattr(library_losses, class_name)
     if not spec.param:
         return loss_class(from_logits=True)
-    options = {"weight": protocol.MBLS_WEIGHT} if loss == "mbls" else {}
-    return loss_class(**{spec.param: value}, from_logits=True, **options)
+    return loss_class(**{spec.param: value}, from_logits=True, **_fixed_options(loss))
+
+
+def _fixed_options(loss):
+    """Arguments the protocol fixes rather than searches: MbLS's weight."""
+    return {"weight": protocol.MBLS_WEIGHT} if loss == "mbls" else {}
 
 
 @keras.saving.register_keras_serializable(package="benchmarks")
@@ -150,17 +155,17 @@ def _scores(labels, logits, weight):
     }
 
 
-_COMPILED = {}
-
-
 def _scorer():
     if keras.backend.backend() != "jax":
         return _scores
-    if "jax" not in _COMPILED:
-        import jax
+    return _jitted_scores()
 
-        _COMPILED["jax"] = jax.jit(_scores)
-    return _COMPILED["jax"]
+
+@functools.cache
+def _jitted_scores():
+    import jax
+
+    return jax.jit(_scores)
 
 
 def true_calibration_error(logits, true_probs, num_bins=15):
