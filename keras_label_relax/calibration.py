@@ -575,9 +575,10 @@ def choose_odir_penalties(scores, labels, grid, folds=5, seed=0, sample_weight=N
     Folds are stratified by label and assigned at random (`seed`). For each
     bias penalty the off-diagonal penalties are visited from the largest
     down, each fit starting from the previous one's solution (the first from
-    the previous bias penalty's first), and stopping at a 100 times looser
-    tolerance than a final fit: comparing held-out NLLs needs no more. Ties
-    go to the larger penalties.
+    the previous bias penalty's first) and with the fold's latest L-BFGS
+    curvature pairs (see `_MatrixProblem.fit`), and stopping at a 100 times
+    looser tolerance than a final fit: comparing held-out NLLs needs no
+    more. Ties go to the larger penalties.
 
     Returns:
         `(off_diagonal_l2, bias_l2)`.
@@ -595,12 +596,16 @@ def choose_odir_penalties(scores, labels, grid, folds=5, seed=0, sample_weight=N
             continue
         problem = _MatrixProblem(scores[train], labels[train], weights[train])
         heldout = _MatrixProblem(scores[test], labels[test], weights[test])
-        path_start = None
+        path_start, curvature = None, []
         for i, bias_l2 in enumerate(bias_values):
             start = path_start
             for j, off_diagonal_l2 in enumerate(off_diagonal_values):
                 start = problem.fit(
-                    off_diagonal_l2, bias_l2, start=start, ftol=100 * LBFGS_FTOL
+                    off_diagonal_l2,
+                    bias_l2,
+                    start=start,
+                    ftol=100 * LBFGS_FTOL,
+                    curvature=curvature,
                 )
                 path_start = start if j == 0 else path_start
                 # The held-out NLL, weighted like the whole set.
@@ -1308,7 +1313,17 @@ class _MatrixProblem(_Problem):
         )
         return float(_dot(self.weights, _to_numpy(row_loss)))
 
-    def fit(self, off_diagonal_l2, bias_l2, start=None, ftol=None):
+    def fit(self, off_diagonal_l2, bias_l2, start=None, ftol=None, curvature=()):
+        """`(W, b)` minimising the penalised NLL, from `start` (a `(W, b)`)
+        or temperature scaling's fit.
+
+        With `curvature` (a list), L-BFGS starts from the NLL's curvature
+        pairs it holds, from earlier fits of this problem, and leaves its
+        own there: the penalty's share of a pair is exact (it is quadratic),
+        so pairs carry from one penalty to another, and a fit along a path of
+        penalties starts with a quasi-Newton model instead of a short
+        gradient step.
+        """
         k = self.num_classes
         if start is None:
             # Temperature scaling's fit, W = I / T, is a cheap start that
@@ -1317,13 +1332,26 @@ class _MatrixProblem(_Problem):
             temperature = _start_temperature(scores, labels, self.weights)
             start = (np.eye(k) / temperature, np.zeros(k))
         affine = np.concatenate([start[0], np.reshape(start[1], (k, 1))], axis=1)
-        parameters = _minimize_lbfgs(
-            lambda v: self.objective(v, off_diagonal_l2, bias_l2),
+        penalties = off_diagonal_l2, bias_l2
+        parameters, pairs = _minimize_lbfgs(
+            lambda v: self.objective(v, *penalties),
             _matmul(affine, self.factor).ravel(),
             ftol=LBFGS_FTOL if ftol is None else ftol,
+            pairs=[(s, y + self._penalty_change(s, *penalties)) for s, y in curvature],
         )
+        if isinstance(curvature, list):
+            curvature[:] = [
+                (s, y - self._penalty_change(s, *penalties)) for s, y in pairs
+            ]
         affine = _matmul(parameters.reshape(k, k + 1), self.inverse_factor)
         return affine[:, :k], affine[:, k]
+
+    def _penalty_change(self, step, off_diagonal_l2, bias_l2):
+        """The change of the penalty's gradient over a whitened `step`."""
+        k = self.num_classes
+        affine_step = _matmul(step.reshape(k, k + 1), self.inverse_factor)
+        _, change = _odir_penalty(affine_step, off_diagonal_l2, bias_l2)
+        return _matmul(change, self.inverse_factor.T).ravel()
 
 
 def _start_temperature(scores, labels, weights):
@@ -1455,16 +1483,24 @@ def _solve_lower(lower, rhs, upper=False):
     return solution
 
 
-def _minimize_lbfgs(objective, x, ftol=LBFGS_FTOL, memory=10, max_iterations=2000):
+def _minimize_lbfgs(
+    objective, x, ftol=LBFGS_FTOL, memory=10, max_iterations=2000, pairs=()
+):
     """L-BFGS with backtracking for a convex `objective(x) -> (f, g)`.
 
     Stops when the largest gradient entry is below LBFGS_GTOL, or when both
     the last iteration's decrease and the next one's, as the quasi-Newton
     model predicts it (`-g.d / 2`), are below `ftol` (relative): on a flat,
     ill-conditioned stretch one small decrease alone says little.
+    `pairs`, `(step, gradient change)` from an earlier fit of a similar
+    objective, start the quasi-Newton model.
+
+    Returns:
+        The minimiser and the last `memory` pairs.
     """
     f, g = objective(x)
-    steps, changes = [], []
+    pairs = [(s, y) for s, y in pairs if _dot(s, y) > 0][-memory:]
+    steps, changes = [s for s, _ in pairs], [y for _, y in pairs]
     decrease = math.inf
     for _ in range(max_iterations):
         if np.max(np.abs(g)) <= LBFGS_GTOL:
@@ -1492,7 +1528,7 @@ def _minimize_lbfgs(objective, x, ftol=LBFGS_FTOL, memory=10, max_iterations=200
             steps, changes = (steps + [step])[-memory:], (changes + [change])[-memory:]
         decrease = f - f_new
         x, f, g = x + step, f_new, g_new
-    return x
+    return x, list(zip(steps, changes, strict=True))
 
 
 def _two_loop(gradient, steps, changes):
