@@ -13,9 +13,12 @@ Keras backend runs in its own process. The table replaces the block between
 Usage:
     python -m benchmarks.perf_calibration [--backends tensorflow,jax,torch]
         [--repeats 3] [--cv-shape 5000x10] [--no-cv] [--quick] [--no-write]
+        [--cv-only]
 
 `--quick` is `--repeats 1 --no-cv`, to check a change; `--no-cv` skips the
-cross-validation.
+cross-validation. `--cv-only` times only the cross-validation (at
+`--cv-shape`, for instance `100000x100`) and prints its table without
+writing it.
 """
 
 import argparse
@@ -128,9 +131,9 @@ def _cv_row(shape):
     }
 
 
-def _worker(repeats, cv_shape):
+def _worker(repeats, cv_shape, cv_only):
     load = os.getloadavg()[0]
-    rows, ratio = _fit_rows(repeats)
+    rows, ratio = ([], None) if cv_only else _fit_rows(repeats)
     cv = _cv_row(cv_shape) if cv_shape else None
     load = (load, os.getloadavg()[0])
     emit_result({"fits": rows, "ratio": ratio, "cv": cv, "load": load})
@@ -200,7 +203,8 @@ def _cv_lines(results, cv_shape):
         "Cross-validated Dirichlet penalties (`calibrate(..., "
         f'off_diagonal_l2="cv")`): {cv_shape[0]:,} x {cv_shape[1]} '
         "log-probabilities, 5 folds over Kull et al.'s full grid "
-        f"({fits} fits, warm-started along the off-diagonal penalties), one "
+        f"({fits} fits, each started from the previous one's solution and L-BFGS "
+        "curvature along the off-diagonal penalties), one "
         "run:",
         "",
         "| backend | seconds | chosen (off-diagonal, bias) |",
@@ -228,13 +232,16 @@ def main(argv=None):
     parser.add_argument("--no-cv", action="store_true")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--cv-only", action="store_true")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.repeats is None:
         args.repeats = 1 if args.quick else 3
     cv_shape = None if args.no_cv or args.quick else args.cv_shape
+    if args.cv_only and not cv_shape:
+        parser.error("--cv-only times the cross-validation: drop --no-cv/--quick")
     if args.worker:
-        _worker(args.repeats, cv_shape)
+        _worker(args.repeats, cv_shape, args.cv_only)
         return
     results = {}
     for backend in args.backends.split(","):
@@ -244,7 +251,12 @@ def main(argv=None):
             options += ["--cv-shape", f"{cv_shape[0]}x{cv_shape[1]}"]
         else:
             options += ["--no-cv"]
+        if args.cv_only:
+            options += ["--cv-only"]
         results[backend] = run_worker("benchmarks.perf_calibration", backend, *options)
+    if args.cv_only:
+        print("\n".join(_cv_lines(results, cv_shape)))
+        return
     text = _table(results, args.repeats, cv_shape)
     print(text)
     if not args.no_write:
