@@ -10,6 +10,7 @@ of the per-round ratios of each loss to it.
 
     python -m benchmarks.perf_losses                 # all three backends
     python -m benchmarks.perf_losses --backends jax --modes compiled --no-write
+    python -m benchmarks.perf_losses --classes 10,1000 --rounds 5 --no-write
 """
 
 import argparse
@@ -142,14 +143,15 @@ def time_interleaved(steps, logits, rounds, calls_per_turn=3):
     return times
 
 
-def measure(rounds, modes):
+def measure(rounds, modes, classes):
     """Runs in the worker process: one JSON record per mode and shape."""
     import numpy as np
     from keras import ops
 
     losses = build_losses()
     records = []
-    for mode, (batch, num_classes) in itertools.product(modes, SHAPES):
+    shapes = [shape for shape in SHAPES if shape[1] in classes]
+    for mode, (batch, num_classes) in itertools.product(modes, shapes):
         _reset_compile_caches()
         rng = np.random.default_rng(0)
         logits = ops.convert_to_tensor(
@@ -226,12 +228,18 @@ def main(argv=None):
     parser.add_argument("--backends", default=",".join(BACKENDS))
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument(
+        "--classes",
+        default=",".join(str(num_classes) for _, num_classes in SHAPES),
+        help="comma-separated class counts K to time, of " + str(SHAPES),
+    )
     parser.add_argument("--output", default="docs/performance.md")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        emit_result(measure(args.rounds, args.modes.split(",")))
+        classes = [int(num_classes) for num_classes in args.classes.split(",")]
+        emit_result(measure(args.rounds, args.modes.split(","), classes))
         return
     results = {}
     for backend in args.backends.split(","):
@@ -243,6 +251,8 @@ def main(argv=None):
             args.rounds,
             "--modes",
             args.modes,
+            "--classes",
+            args.classes,
         )
     table = format_table(results, machine_description())
     command = "python -m benchmarks.perf_losses " + " ".join(argv or sys.argv[1:])

@@ -124,6 +124,22 @@ def test_gradients_with_tensor_hyper_parameters_match_class(key, value):
     np.testing.assert_allclose(gradient, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_probability_clip_follows_the_epsilon_of_each_call():
+    # TensorFlow (eager) and JAX run the losses as compiled functions cached
+    # across calls: a later `keras.config.epsilon()` must still apply.
+    default = keras.config.epsilon()
+    try:
+        for epsilon in (default, 1e-3, default):
+            keras.config.set_epsilon(epsilon)
+            result = losses.focal_loss([1], [[1.0, 0.0]], 0.0, from_logits=False)
+            # p = (1, 0) is clipped to epsilon at the label.
+            np.testing.assert_allclose(
+                ops.convert_to_numpy(result), [-np.log(epsilon)], rtol=1e-5
+            )
+    finally:
+        keras.config.set_epsilon(default)
+
+
 @pytest.mark.parametrize("key", FUNCTIONS)
 def test_tensor_outside_the_range_gives_nan(key):
     rng = np.random.default_rng(2)
