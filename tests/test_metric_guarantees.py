@@ -471,12 +471,14 @@ def test_stateless_update_compiles(case):
 
 
 # Eager, TensorFlow and JAX reduce batches of at least `_COMPILE_MIN_VALUES`
-# values in one compiled function; these tests force it on small batches.
+# values in one compiled function, and PyTorch reduces batches in chunks of
+# `_CHUNK_VALUES`: these tests force that fast path on small batches.
 compiled_eager = pytest.mark.skipif(
     BACKEND == "torch", reason="PyTorch updates op by op"
 )
 COMPILED_EAGER_NAMES = ["ece_l1", "ece_equal_mass_l2", "classwise_l1", "brier"]
-EVERY_PATH = {"compiled": 0, "op by op": 2**62}
+FAST_PATH_SETTING = "_CHUNK_VALUES" if BACKEND == "torch" else "_COMPILE_MIN_VALUES"
+EVERY_PATH = {"fast": 2**8 if BACKEND == "torch" else 0, "op by op": 2**62}
 
 
 def every_metric(name, **kwargs):
@@ -492,9 +494,8 @@ def compensated_state(metric):
     return [total - error for total, error in zip(totals, errors, strict=True)]
 
 
-@compiled_eager
 @pytest.mark.parametrize("name", [*COMPILED_EAGER_NAMES, "smooth"])
-def test_compiled_eager_update_equals_op_by_op(name, monkeypatch):
+def test_fast_eager_update_equals_op_by_op(name, monkeypatch):
     logits, labels, probs = random_predictions(num_samples=400, seed=40)
     weights = np.random.default_rng(41).uniform(0, 2, 400).astype(np.float32)
     one_hot = np.eye(5, dtype=np.float32)[labels]
@@ -502,13 +503,13 @@ def test_compiled_eager_update_equals_op_by_op(name, monkeypatch):
         ({}, labels, probs, None, 1e-6),
         ({"from_logits": True}, one_hot, logits, weights, 1e-6),
     ]
-    if BACKEND == "tensorflow":  # JAX: test_float64_on_jax_with_x64
+    if BACKEND != "jax":  # JAX: test_float64_on_jax_with_x64
         labels64, probs64, weights64 = float64_data()
         configs.append(({"dtype": "float64"}, labels64, probs64, weights64, 1e-13))
     for kwargs, y_true, y_pred, sample_weight, tolerance in configs:
         states = {}
         for path, minimum in EVERY_PATH.items():
-            monkeypatch.setattr(metrics_module, "_COMPILE_MIN_VALUES", minimum)
+            monkeypatch.setattr(metrics_module, FAST_PATH_SETTING, minimum)
             metric = every_metric(name, **kwargs)
             for _ in range(2):
                 metric.update_state(y_true, y_pred, sample_weight)
@@ -519,16 +520,15 @@ def test_compiled_eager_update_equals_op_by_op(name, monkeypatch):
                 if name == "smooth"
                 else compensated_state(metric)
             )
-        for compiled, op_by_op in zip(*states.values(), strict=True):
+        for fast, op_by_op in zip(*states.values(), strict=True):
             np.testing.assert_allclose(
-                compiled, op_by_op, rtol=tolerance, atol=10 * tolerance
+                fast, op_by_op, rtol=tolerance, atol=10 * tolerance
             )
 
 
-@compiled_eager
 @pytest.mark.parametrize("name", [*COMPILED_EAGER_NAMES, "smooth"])
-def test_compiled_eager_update_checks_values_before_any_change(name, monkeypatch):
-    monkeypatch.setattr(metrics_module, "_COMPILE_MIN_VALUES", 0)
+def test_fast_eager_update_checks_values_before_any_change(name, monkeypatch):
+    monkeypatch.setattr(metrics_module, FAST_PATH_SETTING, EVERY_PATH["fast"])
     probs = np.full((4, 3), 1 / 3, np.float32)
     labels = np.array([0, 1, 2, 0])
     metric = every_metric(name)
