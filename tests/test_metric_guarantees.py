@@ -23,9 +23,11 @@ from keras import ops
 from keras_label_relax import BrierScore
 from keras_label_relax import ClasswiseCalibrationError
 from keras_label_relax import ExpectedCalibrationError
+from keras_label_relax import SmoothCalibrationError
 from keras_label_relax import brier_score
 from keras_label_relax import classwise_calibration_error
 from keras_label_relax import expected_calibration_error
+from keras_label_relax import metrics as metrics_module
 from keras_label_relax.metrics import FINE_BINS
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -347,15 +349,22 @@ from test_metric_guarantees import CASES
 results = {}
 from test_metric_guarantees import float64_data
 
+from keras_label_relax import metrics as metrics_module
+
 labels, probs, weights = float64_data()
 for name, case in CASES.items():
     metric = case.metric(dtype="float64")
     metric.update_state(labels, probs, weights)
     dtypes = {str(v.dtype) for v in metric.variables} | {str(metric.result().dtype)}
     value = case.call(labels, probs, weights)
+    minimum, metrics_module._COMPILE_MIN_VALUES = metrics_module._COMPILE_MIN_VALUES, 0
+    compiled = case.metric(dtype="float64")  # the compiled eager update
+    compiled.update_state(labels, probs, weights)
+    metrics_module._COMPILE_MIN_VALUES = minimum
     results[name] = {
         "dtypes": sorted(dtypes | {str(value.dtype)}),
         "metric": float(metric.result()),
+        "compiled": float(compiled.result()),
         "function": float(value),
         "expected": case.expected(labels, probs, weights),
     }
@@ -381,6 +390,7 @@ def test_float64_on_jax_with_x64():
     for name, result in json.loads(lines[0][len("RESULT ") :]).items():
         assert result["dtypes"] == ["float64"], name
         assert result["metric"] == pytest.approx(result["expected"], abs=1e-12), name
+        assert result["compiled"] == pytest.approx(result["expected"], abs=1e-12)
         assert result["function"] == pytest.approx(result["expected"], abs=1e-12)
 
 
@@ -458,6 +468,104 @@ def test_stateless_update_compiles(case):
     for variable, value in zip(metric.variables, variables, strict=True):
         variable.assign(value)
     assert float(metric.result()) == pytest.approx(case.value(labels, probs), abs=1e-6)
+
+
+# Eager, TensorFlow and JAX reduce batches of at least `_COMPILE_MIN_VALUES`
+# values in one compiled function, and PyTorch reduces batches in chunks of
+# `_CHUNK_VALUES`: these tests force that fast path on small batches.
+compiled_eager = pytest.mark.skipif(
+    BACKEND == "torch", reason="PyTorch updates op by op"
+)
+COMPILED_EAGER_NAMES = ["ece_l1", "ece_equal_mass_l2", "classwise_l1", "brier"]
+FAST_PATH_SETTING = "_CHUNK_VALUES" if BACKEND == "torch" else "_COMPILE_MIN_VALUES"
+EVERY_PATH = {"fast": 2**8 if BACKEND == "torch" else 0, "op by op": 2**62}
+
+
+def every_metric(name, **kwargs):
+    if name == "smooth":
+        return SmoothCalibrationError(**kwargs)
+    return CASES[name].metric(**kwargs)
+
+
+def compensated_state(metric):
+    """The state's sums (each variable less its Kahan error), float64."""
+    values = [np.asarray(ops.convert_to_numpy(v), np.float64) for v in metric.variables]
+    totals, errors = values[::2], values[1::2]
+    return [total - error for total, error in zip(totals, errors, strict=True)]
+
+
+@pytest.mark.parametrize("name", [*COMPILED_EAGER_NAMES, "smooth"])
+def test_fast_eager_update_equals_op_by_op(name, monkeypatch):
+    logits, labels, probs = random_predictions(num_samples=400, seed=40)
+    weights = np.random.default_rng(41).uniform(0, 2, 400).astype(np.float32)
+    one_hot = np.eye(5, dtype=np.float32)[labels]
+    configs = [
+        ({}, labels, probs, None, 1e-6),
+        ({"from_logits": True}, one_hot, logits, weights, 1e-6),
+    ]
+    if BACKEND != "jax":  # JAX: test_float64_on_jax_with_x64
+        labels64, probs64, weights64 = float64_data()
+        configs.append(({"dtype": "float64"}, labels64, probs64, weights64, 1e-13))
+    for kwargs, y_true, y_pred, sample_weight, tolerance in configs:
+        states = {}
+        for path, minimum in EVERY_PATH.items():
+            monkeypatch.setattr(metrics_module, FAST_PATH_SETTING, minimum)
+            metric = every_metric(name, **kwargs)
+            for _ in range(2):
+                metric.update_state(y_true, y_pred, sample_weight)
+            # The smooth histogram shares a prediction between grid points
+            # 1/4000 apart, which magnifies float32 rounding: its value, then.
+            states[path] = (
+                [float(metric.result())]
+                if name == "smooth"
+                else compensated_state(metric)
+            )
+        for fast, op_by_op in zip(*states.values(), strict=True):
+            np.testing.assert_allclose(
+                fast, op_by_op, rtol=tolerance, atol=10 * tolerance
+            )
+
+
+@pytest.mark.parametrize("name", [*COMPILED_EAGER_NAMES, "smooth"])
+def test_fast_eager_update_checks_values_before_any_change(name, monkeypatch):
+    monkeypatch.setattr(metrics_module, FAST_PATH_SETTING, EVERY_PATH["fast"])
+    probs = np.full((4, 3), 1 / 3, np.float32)
+    labels = np.array([0, 1, 2, 0])
+    metric = every_metric(name)
+    metric.update_state(labels, probs)
+    before = compensated_state(metric)
+    bad_probs = probs.copy()
+    bad_probs[0, 0], bad_probs[1, 2], bad_probs[3, 1] = -0.1, 1.5, np.nan
+    bad_weights = np.array([1.0, -2.0, np.inf, 1.0], np.float32)
+    with pytest.raises(ValueError, match=r"y_true.*2 of 4 class ids.*\[0, 3\)"):
+        metric.update_state(np.array([0, 3, 1, -1]), probs)
+    with pytest.raises(ValueError, match=r"y_pred.*3 of 12 probabilities"):
+        metric.update_state(labels, bad_probs)
+    with pytest.raises(ValueError, match=r"of 4 weights, 1 are negative and 1 are"):
+        metric.update_state(labels, probs, bad_weights)
+    for after, expected in zip(compensated_state(metric), before, strict=True):
+        np.testing.assert_array_equal(after, expected)
+
+
+@compiled_eager
+def test_compiled_eager_update_traces_once_per_batch_shape(monkeypatch):
+    monkeypatch.setattr(metrics_module, "_COMPILE_MIN_VALUES", 0)
+    traces = []
+    ece_update = metrics_module._ece_update
+
+    def counted_update(*args):
+        traces.append(1)  # runs only when traced
+        return ece_update(*args)
+
+    monkeypatch.setattr(metrics_module, "_ece_update", counted_update)
+    _, labels, probs = random_predictions(num_samples=300, seed=42)
+    for _ in range(2):  # a new instance shares the compiled function
+        metric = ExpectedCalibrationError(num_bins=10)
+        for batch in np.split(np.arange(300), 3):
+            metric.update_state(labels[batch], probs[batch])
+    assert len(traces) == 1
+    expected = reference.calibration_error(labels, probs, 10)
+    assert float(metric.result()) == pytest.approx(expected, abs=1e-6)
 
 
 def tiny_model(num_classes=3, seed=0):
