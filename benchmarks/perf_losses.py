@@ -108,10 +108,11 @@ def value_and_gradient_step(loss, labels, compiled):
 
 
 def _reset_compile_caches():
-    """Lets torch.compile start afresh for each shape.
+    """Lets torch.compile start afresh for each shape, with room for every loss.
 
-    Every step shares one Python code object; past `torch._dynamo`'s
-    recompile limit (8) further steps would silently run eagerly.
+    Every step shares one Python code object, compiled once per loss: past
+    `torch._dynamo`'s recompile limit (8 by default, fewer than the nine
+    losses timed) further steps would silently run eagerly.
     """
     import keras
 
@@ -119,6 +120,7 @@ def _reset_compile_caches():
         import torch
 
         torch._dynamo.reset()
+        torch._dynamo.config.recompile_limit = 4 * len(LOSS_NAMES) + 4
 
 
 def time_interleaved(steps, logits, rounds, calls_per_turn=3):
