@@ -108,9 +108,7 @@ class _SumsMetric(keras.metrics.Metric):
             for variable, error in self._sums
         ]
 
-    def _add_batch(
-        self, update, static, y_true, y_pred, sample_weight, finish=None, chunks=True
-    ):
+    def _add_batch(self, update, static, y_true, y_pred, sample_weight, finish=None):
         """Adds `update(labels, y_pred, weight, *static)`'s increments of a
         batch (passed through `finish`, if given) to the state, after
         checking its values; an empty batch is a no-op."""
@@ -125,7 +123,6 @@ class _SumsMetric(keras.metrics.Metric):
                 self.from_logits,
                 self.validate_args,
                 finish,
-                chunks,
             )
             self._add_compensated(*increments)
 
@@ -262,11 +259,7 @@ class ExpectedCalibrationError(_SumsMetric):
 
     def update_state(self, y_true, y_pred, sample_weight=None):
         static = (self.from_logits, self._bins(), self.dtype)
-        # Chunks would each add a 65536-bin histogram for equal mass.
-        chunks = self.binning == "equal_width"
-        self._add_batch(
-            _ece_update, static, y_true, y_pred, sample_weight, chunks=chunks
-        )
+        self._add_batch(_ece_update, static, y_true, y_pred, sample_weight)
 
     def accumulate(self, confidence, correct, weight=None):
         """Adds flat per-prediction confidences, correctness and weights.
@@ -410,11 +403,8 @@ class ClasswiseCalibrationError(_SumsMetric):
         # Checked values (eager, `validate_args`) need no clipping pass.
         checked = self.validate_args and _values_visible(y_pred)
         if keras.backend.backend() != "tensorflow":
-            # Not in chunks on PyTorch: slower there, measured under load.
             static = (self.from_logits, self.num_bins, self.dtype, checked)
-            self._add_batch(
-                _classwise_update, static, y_true, y_pred, sample_weight, chunks=False
-            )
+            self._add_batch(_classwise_update, static, y_true, y_pred, sample_weight)
             return
         # Eager, TensorFlow's histograms (`bincount`) run outside the compiled
         # part: faster than the scatters XLA compiles them to on a CPU.
@@ -1268,7 +1258,7 @@ _COMPILE_MIN_VALUES = 2**16
 
 
 def _checked_increments(
-    update, static, labels, y_pred, weight, from_logits, check, finish=None, chunks=True
+    update, static, labels, y_pred, weight, from_logits, check, finish=None
 ):
     """`update(labels, y_pred, weight, *static)` (passed through `finish`,
     if given) as a tuple of state increments, the values checked first (with
@@ -1276,8 +1266,7 @@ def _checked_increments(
 
     Eager on TensorFlow and JAX, large batches run `update` through one
     cached compiled function that also returns the check's reductions, so
-    that a `ValueError` is raised before any state changes; eager on
-    PyTorch, large batches are reduced in chunks of rows (with `chunks`).
+    that a `ValueError` is raised before any state changes.
     """
     visible = _values_visible(y_pred)
     check = check and visible
@@ -1291,31 +1280,7 @@ def _checked_increments(
         return _finished(tuple(increments), finish)
     if check:
         _check_values(labels, y_pred, weight, from_logits)
-    pieces = [(labels, y_pred, weight)]
-    if chunks and visible and keras.backend.backend() == "torch":
-        pieces = _row_chunks(labels, y_pred, weight)
-    increments = None
-    for chunk in pieces:
-        more = _finished(_as_tuple(update(*chunk, *static)), finish)
-        if increments is None:
-            increments = more
-        else:
-            increments = tuple(a + b for a, b in zip(increments, more, strict=True))
-    return increments
-
-
-# Eager PyTorch reduces large batches in chunks of about this many values:
-# a fresh `N x K` temporary costs its page faults, 5x the arithmetic on it,
-# while the allocator reuses a chunk's memory.
-_CHUNK_VALUES = 2**18
-
-
-def _row_chunks(labels, y_pred, weight):
-    rows = max(1, _CHUNK_VALUES // y_pred.shape[-1])
-    return [
-        [x if x is None else x[start : start + rows] for x in (labels, y_pred, weight)]
-        for start in range(0, y_pred.shape[0], rows)
-    ]
+    return _finished(_as_tuple(update(labels, y_pred, weight, *static)), finish)
 
 
 def _finished(increments, finish):

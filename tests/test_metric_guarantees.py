@@ -471,14 +471,13 @@ def test_stateless_update_compiles(case):
 
 
 # Eager, TensorFlow and JAX reduce batches of at least `_COMPILE_MIN_VALUES`
-# values in one compiled function, and PyTorch reduces batches in chunks of
-# `_CHUNK_VALUES`: these tests force that fast path on small batches.
+# values in one compiled function: these tests force that path on small
+# batches.
 compiled_eager = pytest.mark.skipif(
     BACKEND == "torch", reason="PyTorch updates op by op"
 )
 COMPILED_EAGER_NAMES = ["ece_l1", "ece_equal_mass_l2", "classwise_l1", "brier"]
-FAST_PATH_SETTING = "_CHUNK_VALUES" if BACKEND == "torch" else "_COMPILE_MIN_VALUES"
-EVERY_PATH = {"fast": 2**8 if BACKEND == "torch" else 0, "op by op": 2**62}
+EVERY_PATH = {"fast": 0, "op by op": 2**62}
 
 
 def every_metric(name, **kwargs):
@@ -494,6 +493,7 @@ def compensated_state(metric):
     return [total - error for total, error in zip(totals, errors, strict=True)]
 
 
+@compiled_eager
 @pytest.mark.parametrize("name", [*COMPILED_EAGER_NAMES, "smooth"])
 def test_fast_eager_update_equals_op_by_op(name, monkeypatch):
     logits, labels, probs = random_predictions(num_samples=400, seed=40)
@@ -509,7 +509,7 @@ def test_fast_eager_update_equals_op_by_op(name, monkeypatch):
     for kwargs, y_true, y_pred, sample_weight, tolerance in configs:
         states = {}
         for path, minimum in EVERY_PATH.items():
-            monkeypatch.setattr(metrics_module, FAST_PATH_SETTING, minimum)
+            monkeypatch.setattr(metrics_module, "_COMPILE_MIN_VALUES", minimum)
             metric = every_metric(name, **kwargs)
             for _ in range(2):
                 metric.update_state(y_true, y_pred, sample_weight)
@@ -526,9 +526,10 @@ def test_fast_eager_update_equals_op_by_op(name, monkeypatch):
             )
 
 
+@compiled_eager
 @pytest.mark.parametrize("name", [*COMPILED_EAGER_NAMES, "smooth"])
 def test_fast_eager_update_checks_values_before_any_change(name, monkeypatch):
-    monkeypatch.setattr(metrics_module, FAST_PATH_SETTING, EVERY_PATH["fast"])
+    monkeypatch.setattr(metrics_module, "_COMPILE_MIN_VALUES", EVERY_PATH["fast"])
     probs = np.full((4, 3), 1 / 3, np.float32)
     labels = np.array([0, 1, 2, 0])
     metric = every_metric(name)
