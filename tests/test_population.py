@@ -76,8 +76,20 @@ def test_members_end_where_their_sequential_runs_end(full_batches):
     alone = _by_key(training.SequentialTrainer(config), members, splits)
     for key, logits in alone.items():
         np.testing.assert_allclose(
-            together[key]["val"], logits["val"], rtol=1e-4, atol=1e-4, err_msg=key
+            together[key]["val"],
+            logits["val"],
+            rtol=1e-4,
+            atol=LR_LOGIT_TOLERANCE if "-lr=" in key else 1e-4,
+            err_msg=key,
         )
+
+
+# Label relaxation's gradient jumps where p_y crosses 1 - alpha. The batched
+# and the single-model programs round differently (about 1e-7), which can put
+# an example on the other side of that cut; the trainings then part slowly.
+# Seen on a 2-core AMD EPYC, seed 1: logits 7e-4 apart after one epoch and
+# 0.025 after three, while every other member agreed to 5e-6.
+LR_LOGIT_TOLERANCE = 0.1
 
 
 @jax_only
