@@ -78,6 +78,13 @@ def parse_args(argv=None):
     )
     parser.add_argument("--seeds", type=int, help="number of seeds, 0..N-1")
     parser.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="first seed: --seeds N --first-seed S runs S..S+N-1 (default 0), "
+        "to add seeds to a protocol in separate runs",
+    )
+    parser.add_argument(
         "--losses",
         default=",".join(protocol.LOSSES),
         help="comma-separated subset of "
@@ -146,6 +153,7 @@ def config_from_args(args):
         args.profile,
         protocol_name=args.protocol,
         seeds=args.seeds,
+        first_seed=args.first_seed,
         losses=_split_list(args.losses),
         select=args.select,
         model=args.model,

@@ -54,6 +54,7 @@ def from_profile(
     profile_name,
     protocol_name="paper",
     seeds=None,
+    first_seed=0,
     losses=protocol.LOSSES,
     select="both",
     model=None,
@@ -87,6 +88,10 @@ def from_profile(
             f"Received: --model={model!r}"
         )
     seeds = profile.seeds if seeds is None else _positive("--seeds", seeds)
+    if first_seed < 0:
+        raise ValueError(
+            f"`--first-seed` must be 0 or more. Received: --first-seed {first_seed}"
+        )
     epochs = profile.epochs if epochs is None else _positive("--epochs", epochs)
     if val_fraction is None:
         val_fraction = rules.val_fraction
@@ -100,7 +105,7 @@ def from_profile(
         protocol=protocol_name,
         datasets=_datasets(profile, datasets),
         model=model,
-        seeds=tuple(range(seeds)),
+        seeds=tuple(range(first_seed, first_seed + seeds)),
         losses=_losses(losses),
         schemes=_schemes(select),
         grids=_grids(grids or {}),
