@@ -200,6 +200,70 @@ def _check_input_shape(input_shape):
     return shape
 
 
+class SeededInitializer(keras.initializers.Initializer):
+    """Keras' Glorot uniform, He normal or zeros, drawn by numpy from `seed`.
+
+    The same distributions as `keras.initializers.GlorotUniform`,
+    `HeNormal` and `Zeros`, but drawn on the host: a seeded model then
+    starts from the same weights on every backend, and JAX compiles no
+    random-number program per weight shape (seconds each on a CPU, a
+    tenth of the quick profile's run).
+
+    Args:
+        kind: `"glorot_uniform"`, `"he_normal"` or `"zeros"`.
+        seed: an int, the seed of the draw.
+    """
+
+    def __init__(self, kind, seed=0):
+        if kind not in ("glorot_uniform", "he_normal", "zeros"):
+            raise ValueError(
+                "Argument `kind` must be 'glorot_uniform', 'he_normal' or "
+                f"'zeros'. Received: kind={kind!r}"
+            )
+        self.kind = kind
+        self.seed = seed
+
+    def __call__(self, shape, dtype=None):
+        values = self._draw(tuple(shape)).astype(dtype or "float32")
+        if keras.backend.backend() == "jax":
+            import jax
+
+            # `device_put` compiles nothing; `jnp.asarray` compiles a
+            # program per shape.
+            return jax.device_put(values)
+        return keras.ops.convert_to_tensor(values)
+
+    def _draw(self, shape):
+        if self.kind == "zeros":
+            return np.zeros(shape)
+        rng = np.random.default_rng(self.seed)
+        fan_in, fan_out = _fans(shape)
+        if self.kind == "glorot_uniform":
+            limit = math.sqrt(6.0 / max(1.0, fan_in + fan_out))
+            return rng.uniform(-limit, limit, shape)
+        # As Keras' VarianceScaling: a normal truncated at two standard
+        # deviations, widened to keep the variance 2 / fan_in.
+        stddev = math.sqrt(2.0 / max(1.0, fan_in)) / 0.87962566103423978
+        values = rng.normal(0.0, stddev, shape)
+        outside = np.abs(values) > 2 * stddev
+        while outside.any():
+            values[outside] = rng.normal(0.0, stddev, int(outside.sum()))
+            outside = np.abs(values) > 2 * stddev
+        return values
+
+    def get_config(self):
+        return {"kind": self.kind, "seed": self.seed}
+
+
+def _fans(shape):
+    """Keras' fan-in and fan-out of a kernel shape."""
+    if len(shape) < 2:
+        size = shape[0] if shape else 1
+        return size, size
+    receptive_field = math.prod(shape[:-2])
+    return shape[-2] * receptive_field, shape[-1] * receptive_field
+
+
 class _Parts:
     """Makes layers' seeded initializers, regularizers and seeds."""
 
@@ -214,11 +278,12 @@ class _Parts:
         return int(self._rng.integers(2**31 - 1))
 
     def initializer(self, kind="glorot_uniform"):
-        classes = {
-            "glorot_uniform": keras.initializers.GlorotUniform,
-            "he_normal": keras.initializers.HeNormal,
-        }
-        return classes[kind](seed=self.seed())
+        if self._rng is None:
+            return kind
+        return SeededInitializer(kind, self.seed())
+
+    def bias_initializer(self):
+        return "zeros" if self._rng is None else SeededInitializer("zeros")
 
     def regularizer(self):
         if self._weight_decay == 0:
@@ -241,6 +306,7 @@ class _Parts:
         return layers.Dense(
             units,
             kernel_initializer=self.initializer(kind),
+            bias_initializer=self.bias_initializer(),
             kernel_regularizer=self.regularizer() if regularize else None,
             **kwargs,
         )
@@ -251,6 +317,7 @@ class _Parts:
             kernel_size,
             padding="same",
             kernel_initializer=self.initializer(kind),
+            bias_initializer=self.bias_initializer(),
             kernel_regularizer=self.regularizer(),
             **kwargs,
         )
