@@ -20,7 +20,6 @@ import keras
 import numpy as np
 
 from benchmarks import plan
-from benchmarks import protocol
 from benchmarks import training as training_lib
 
 _EVAL_CHUNK = 1024
@@ -55,6 +54,9 @@ class PopulationTrainer:
     def groups(self, trainings):
         groups = []
         for group in plan.groups_by_size(trainings):
+            # Members of one loss side by side: the step computes each loss
+            # on its own members' slice only.
+            group = sorted(group, key=lambda training: training.loss)
             size = self.population_size or self._default_size(group[0])
             groups += [group[i : i + size] for i in range(0, len(group), size)]
         return groups
@@ -159,14 +161,9 @@ class _Population:
         )
         self.mean = self._pixel_means(dataset)
         self.model, self.state = self._initial_state(dataset)
-        self.losses = sorted({t.loss for t in group})
-        self.loss_functions = [
-            training_lib.loss_function(loss, config) for loss in self.losses
-        ]
-        self.loss_index = jnp.asarray([self.losses.index(t.loss) for t in group])
+        self.loss_slices = _loss_slices(config, group)
         self.values = jnp.asarray(
-            [[_value_for(loss, t) for loss in self.losses] for t in group],
-            "float32",
+            [0.0 if t.value is None else t.value for t in group], "float32"
         )
 
     def _members(self):
@@ -213,37 +210,41 @@ class _Population:
         ]
         return model, (trainable, non_trainable, optimizer)
 
-    def _member_step(self, state, index, loss_index, values, mean, data):
-        trainable, non_trainable, optimizer = state
-        x = data[0][index] - mean
-        y = data[1][index]
-
-        def objective(trainable):
-            logits, new_non_trainable, penalties = self.model.stateless_call(
-                trainable, non_trainable, x, training=True, return_losses=True
-            )
-            per_loss = [
-                jnp.mean(self.loss_functions[i](y, logits, values[i]))
-                for i in range(len(self.losses))
-            ]
-            loss = jnp.stack(per_loss)[loss_index]
-            for penalty in penalties:
-                loss = loss + penalty
-            return loss, new_non_trainable
-
-        (loss, non_trainable), gradients = jax.value_and_grad(objective, has_aux=True)(
-            trainable
-        )
-        trainable, optimizer = self.optimizer.stateless_apply(
-            optimizer, gradients, trainable
-        )
-        return (trainable, non_trainable, optimizer), loss
-
     def _population_step(self, state, index, data):
+        """One step of every member: each member's gradient is that of its
+        own loss (the sum over members separates), its update its own."""
+        trainable, non_trainable, optimizer = state
         # The dataset goes in as an argument: closed over, it would be
         # compiled into the program as a constant.
-        step = jax.vmap(self._member_step, in_axes=(0, 0, 0, 0, 0, None))
-        return step(state, index, self.loss_index, self.values, self.mean, data)
+        x = jax.vmap(lambda index, mean: data[0][index] - mean)(index, self.mean)
+        y = data[1][index]
+
+        def forward(trainable, non_trainable, x):
+            return self.model.stateless_call(
+                trainable, non_trainable, x, training=True, return_losses=True
+            )
+
+        def total(trainable):
+            logits, new_non_trainable, penalties = jax.vmap(forward)(
+                trainable, non_trainable, x
+            )
+            losses = jnp.concatenate(
+                [
+                    jax.vmap(lambda y, z, v, f=function: jnp.mean(f(y, z, v)))(
+                        y[start:stop], logits[start:stop], self.values[start:stop]
+                    )
+                    for function, start, stop in self.loss_slices
+                ]
+            )
+            for penalty in penalties:
+                losses = losses + penalty
+            return jnp.sum(losses), (losses, new_non_trainable)
+
+        gradients, (losses, non_trainable) = jax.grad(total, has_aux=True)(trainable)
+        trainable, optimizer = jax.vmap(self.optimizer.stateless_apply)(
+            optimizer, gradients, trainable
+        )
+        return (trainable, non_trainable, optimizer), losses
 
     def fit(self, verbose=False):
         data = (self.x, self.y)
@@ -320,11 +321,15 @@ class _Population:
         return results
 
 
-def _value_for(loss, training):
-    """The member's hyper-parameter for its own loss; for the other losses
-    of the population (computed, then not selected), a valid placeholder
-    from their grid, so that no unselected branch produces a NaN."""
-    if loss == training.loss:
-        return 0.0 if training.value is None else training.value
-    spec = protocol.LOSS_SPECS[loss]
-    return spec.grid[0] if spec.grid else 0.0
+def _loss_slices(config, group):
+    """`(loss function, start, stop)` per run of members with one loss."""
+    slices = []
+    for start, training in enumerate(group):
+        if slices and slices[-1][0] == training.loss:
+            slices[-1][2] = start + 1
+        else:
+            slices.append([training.loss, start, start + 1])
+    return [
+        (training_lib.loss_function(loss, config), start, stop)
+        for loss, start, stop in slices
+    ]

@@ -104,7 +104,11 @@ def test_population_size_splits_a_phase():
     assert [len(group) for group in groups] == [4] * (len(trials) // 4) + (
         [len(trials) % 4] if len(trials) % 4 else []
     )
-    assert sum(groups, []) == trials
+    members = sum(groups, [])
+    assert sorted(members, key=lambda t: t.key) == sorted(trials, key=lambda t: t.key)
+    # Each loss's members side by side, so that a step computes each loss once.
+    losses = [training_.loss for training_ in members]
+    assert losses == sorted(losses)
     default = population.PopulationTrainer(config)
     default.prepare(splits)
     assert len(default.groups(trials)) == 1  # a small net: all of it at once
