@@ -99,6 +99,9 @@ def test_paper_settings_have_no_departures_and_shrinking_has():
     assert "not one of the paper's experiments" in "; ".join(
         run_config.from_profile("quick").departures()
     )
+    later_seeds = run_config.from_profile("fashion_mnist", seeds=2, first_seed=3)
+    assert later_seeds.seeds == (3, 4)
+    assert "2 seeds instead of 10" in "; ".join(later_seeds.departures())
 
 
 def test_learning_rate_drops_at_epoch_boundaries_with_optional_legacy_decay():
@@ -144,6 +147,7 @@ def test_cifar_inputs_lose_the_training_pixel_mean():
         (["--grid", "lr=0.1,abc"], "--grid"),
         (["--grid", "lr=1.5"], "alpha"),
         (["--seeds", "0"], "--seeds"),
+        (["--first-seed", "-1"], "--first-seed"),
         (["--val-fraction", "1.0"], "--val-fraction"),
         (["--resume"], "--out"),
         (["--trainer", "population", "--population-size", "0"], "--population-size"),
