@@ -709,16 +709,18 @@ def fit_temperature_nll(logits, labels, sample_weight=None, rtol=1e-8):
     Newton iteration on its derivative, kept inside a shrinking bracket
     (bisection in `log s` when a step leaves it), converges in a few passes.
     With 20,000 rows or more it starts from a fit on every 16th row, which
-    leaves about three passes over all of them. When the minimum lies
+    leaves about two passes over all of them. When the minimum lies
     beyond a bound, the bound is returned.
 
     Args:
         logits: float array `(N, K)`.
         labels: integer class ids `(N,)`.
         sample_weight: optional non-negative weights `(N,)`.
-        rtol: relative tolerance on the temperature. The passes see `s` in
-            float32, so the search also stops once a step is within its
-            rounding (about 6e-8 relative).
+        rtol: relative tolerance on the temperature: the search stops once
+            a step, or the next one as the last two Newton steps' quadratic
+            convergence predicts it, is below it. The passes see `s` in
+            float32, so it also stops once a step is within its rounding
+            (about 6e-8 relative).
     """
     problem = _TemperatureProblem(logits, labels, sample_weight)
     return 1.0 / _inverse_temperature(problem, rtol)
@@ -731,6 +733,7 @@ def _inverse_temperature(problem, rtol):
     s = 1.0 if coarse is None else _inverse_temperature(coarse, COARSE_RTOL)
     lo, hi = 1.0 / MAX_TEMPERATURE, 1.0 / MIN_TEMPERATURE
     unvisited_bounds = {lo, hi}
+    previous_step = None
     for _ in range(200):
         unvisited_bounds.discard(s)
         slope, curvature = problem(s)
@@ -741,11 +744,19 @@ def _inverse_temperature(problem, rtol):
         if slope == 0 or hi - lo <= rtol * lo:
             break
         s_new = s - slope / curvature if curvature > 0 else math.inf
-        if not lo < s_new < hi:
+        newton = lo < s_new < hi
+        if not newton:
             bound = lo if s_new <= lo else hi
             s_new = bound if bound in unvisited_bounds else math.sqrt(lo * hi)
+        step = abs(s_new - s)
         # The passes see `s` in float32: a step within its rounding is final.
-        converged = abs(s_new - s) <= rtol * s or np.float32(s_new) == np.float32(s)
+        converged = step <= rtol * s or np.float32(s_new) == np.float32(s)
+        # Newton's steps shrink quadratically near the root: after steps of
+        # e and then d, the next would be about d**3 / e**2. No pass is
+        # spent on it when that is within the tolerance.
+        if newton and previous_step:
+            converged |= step**3 <= rtol * s * previous_step**2
+        previous_step = step if newton else None
         s = s_new
         if converged:
             break
@@ -1127,10 +1138,10 @@ def _compile(function):
 
         # A graph without XLA: cross-validation meets a new shape per fold,
         # and an XLA compilation for each costs more than the fusion gains,
-        # except for temperature scaling's elementwise pass, which XLA fuses
+        # except for temperature scaling's elementwise passes, which XLA fuses
         # into one loop at about twice the speed (its shapes: all rows and
         # every 16th, once per calibration set).
-        jit_compile = function is _temperature_pass
+        jit_compile = function in (_shift_pass, _temperature_pass)
         return tf.function(function, reduce_retracing=True, jit_compile=jit_compile)
     if backend == "torch":
         import torch
