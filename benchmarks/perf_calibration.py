@@ -158,8 +158,10 @@ def _table(results, repeats, cv_shape):
         "fit from the cached logits, without running a model. Seconds, median "
         f"(min) of {repeats} runs after a warm-up that compiles; *load* is "
         "the 1-minute load average before and after the backend's runs. "
-        "Tolerances: temperature to 1e-8 relative in T, or until the Newton "
-        "step is below float32's rounding of 1 / T; vector scaling until the "
+        "Tolerances: temperature to 1e-8 relative in T (a Newton step, or the "
+        "next one as the last two steps' quadratic convergence predicts it), "
+        "or until the step is below float32's rounding of 1 / T; vector "
+        "scaling until the "
         "Newton decrement is below 1e-8; matrix and Dirichlet until L-BFGS "
         "lowers the objective by less than 1e-9 (relative) or the largest "
         "gradient entry is below 1e-6.",
