@@ -11,6 +11,7 @@ of the per-round ratios of each loss to it.
     python -m benchmarks.perf_losses                 # all three backends
     python -m benchmarks.perf_losses --backends jax --modes compiled --no-write
     python -m benchmarks.perf_losses --classes 10,1000 --rounds 5 --no-write
+    python -m benchmarks.perf_losses --losses DFL,MbLS --backends jax --no-write
 """
 
 import argparse
@@ -44,12 +45,13 @@ def target(name, num_classes):
     return TARGETS.get(name, DEFAULT_TARGET)
 
 
-def build_losses():
+def build_losses(names):
+    """The baseline "CE" and the losses `names`, keyed by name."""
     import keras
 
     import keras_label_relax as klr
 
-    return {
+    losses = {
         "CE": keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         "LR": klr.LabelRelaxation(alpha=0.1, from_logits=True),
         "LS": klr.LabelSmoothing(alpha=0.1, from_logits=True),
@@ -60,6 +62,7 @@ def build_losses():
         "MbLS": klr.MarginLabelSmoothing(margin=10.0, weight=0.1),
         "Poly": klr.PolyLoss(epsilon=1.0, from_logits=True),
     }
+    return {name: losses[name] for name in ("CE", *names)}
 
 
 def value_and_gradient_step(loss, labels, compiled):
@@ -145,12 +148,12 @@ def time_interleaved(steps, logits, rounds, calls_per_turn=3):
     return times
 
 
-def measure(rounds, modes, classes):
+def measure(rounds, modes, classes, names):
     """Runs in the worker process: one JSON record per mode and shape."""
     import numpy as np
     from keras import ops
 
-    losses = build_losses()
+    losses = build_losses(names)
     records = []
     shapes = [shape for shape in SHAPES if shape[1] in classes]
     for mode, (batch, num_classes) in itertools.product(modes, shapes):
@@ -170,7 +173,7 @@ def measure(rounds, modes, classes):
             name: statistics.median(
                 t / ce for t, ce in zip(times[name], times["CE"], strict=True)
             )
-            for name in LOSS_NAMES
+            for name in names
         }
         records.append(
             {
@@ -185,7 +188,7 @@ def measure(rounds, modes, classes):
     return records
 
 
-def format_table(results, device):
+def format_table(results, device, names):
     lines = [
         "### Losses",
         "",
@@ -201,14 +204,14 @@ def format_table(results, device):
         "Ratios over their target (1.5x; DFL and MbLS 2.0x; LR 1.10x from "
         "K = 1000) are marked with !.",
         "",
-        "| backend | mode | B | K | CE (ms) | " + " | ".join(LOSS_NAMES) + " |",
-        "|---|---|---:|---:|---:|" + "---:|" * len(LOSS_NAMES),
+        "| backend | mode | B | K | CE (ms) | " + " | ".join(names) + " |",
+        "|---|---|---:|---:|---:|" + "---:|" * len(names),
     ]
     misses = []
     for backend, records in results.items():
         for record in records:
             cells = []
-            for name in LOSS_NAMES:
+            for name in names:
                 ratio = record["ratios"][name]
                 over = ratio > target(name, record["classes"])
                 cells.append(f"{ratio:.2f}x" + (" !" if over else ""))
@@ -235,13 +238,22 @@ def main(argv=None):
         default=",".join(str(num_classes) for _, num_classes in SHAPES),
         help="comma-separated class counts K to time, of " + str(SHAPES),
     )
+    parser.add_argument(
+        "--losses",
+        default=",".join(LOSS_NAMES),
+        help="comma-separated losses to time, of " + ",".join(LOSS_NAMES),
+    )
     parser.add_argument("--output", default="docs/performance.md")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    names = args.losses.split(",")
+    unknown = sorted(set(names) - set(LOSS_NAMES))
+    if unknown:
+        parser.error(f"--losses: unknown {unknown}; choose from {LOSS_NAMES}")
     if args.worker:
         classes = [int(num_classes) for num_classes in args.classes.split(",")]
-        emit_result(measure(args.rounds, args.modes.split(","), classes))
+        emit_result(measure(args.rounds, args.modes.split(","), classes, names))
         return
     results = {}
     for backend in args.backends.split(","):
@@ -255,8 +267,10 @@ def main(argv=None):
             args.modes,
             "--classes",
             args.classes,
+            "--losses",
+            args.losses,
         )
-    table = format_table(results, machine_description())
+    table = format_table(results, machine_description(), names)
     command = "python -m benchmarks.perf_losses " + " ".join(argv or sys.argv[1:])
     python = platform.python_version()
     block = f"{table}\n\nCommand: `{command.strip()}` (Python {python})."
