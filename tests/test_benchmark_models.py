@@ -23,6 +23,7 @@ SHAPES = {
 # and size are tested on all three.
 STEP_BACKENDS = {
     "vgg16": ("tensorflow", "torch"),
+    "resnet56v2": ("tensorflow", "torch"),
     "densenet_bc_100_12": ("torch",),
 }
 

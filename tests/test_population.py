@@ -128,7 +128,7 @@ def test_population_needs_jax_and_says_so(capsys):
 
 @jax_only
 def test_both_trainers_give_the_same_trials_on_every_quick_dataset(tmp_path):
-    arguments = ["--seeds", "1", "--epochs", "2", "--losses", "ce,lr,cp"]
+    arguments = ["--seeds", "1", "--epochs", "1", "--losses", "ce,lr,cp"]
     arguments += ["--grid", "lr=0.05,0.2", "--grid", "cp=0.5,2"]
     outputs = {}
     for trainer in ("population", "sequential"):
