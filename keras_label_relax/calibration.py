@@ -1134,6 +1134,10 @@ def _jax_matrix_pass(features, weighted_features, labels, onehot, matrix):
     return row_loss, _compiled(_gradient_pass)(residual, weighted_features)
 
 
+# Passes that JAX runs as several compiled programs of their own.
+_JAX_PASSES = {_matrix_pass: _jax_matrix_pass}
+
+
 _COMPILED = {}
 
 
@@ -1150,9 +1154,7 @@ def _compile(function):
     if backend == "jax":
         import jax
 
-        if function is _matrix_pass:
-            return _jax_matrix_pass
-        return jax.jit(function)
+        return _JAX_PASSES.get(function) or jax.jit(function)
     if backend == "tensorflow":
         import tensorflow as tf
 
