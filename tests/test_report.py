@@ -27,6 +27,7 @@ import keras
 import numpy as np
 import pytest
 
+from benchmarks import merge
 from benchmarks import protocol
 from benchmarks import report
 from benchmarks import run_config
@@ -519,6 +520,60 @@ def test_an_edited_archived_table_fails_its_check(fake_run):
     (fake_run / "table.md").write_text(edited, encoding="utf-8")
     with pytest.raises(AssertionError):
         test_archived_run_rebuilds_to_its_committed_tables(fake_run)
+
+
+def split_by_seed(run_dir, tmp_path):
+    """The run in `run_dir` as one run per seed, as `--seeds 1 --first-seed S`
+    would have recorded them."""
+    config, records, _, _ = report.load_run(run_dir)
+    runs = []
+    for seed in config.seeds:
+        own = [r for r in records if f"-seed{seed}-" in r["key"]]
+        single = dataclasses.replace(config, seeds=(seed,))
+        runs.append(write_run(tmp_path / f"seed{seed}", single, own, f"run {seed}"))
+    return runs
+
+
+def test_merged_seeds_give_the_tables_of_one_run_over_all(fake_run, tmp_path, capsys):
+    runs = split_by_seed(fake_run, tmp_path)
+    out = tmp_path / "merged"
+    assert merge.main([*map(str, runs), "--out", str(out)]) == 0
+    merged = (out / "table.md").read_text(encoding="utf-8")
+    whole = (fake_run / "table.md").read_text(encoding="utf-8")
+    command = f"python -m benchmarks.merge {' '.join(map(str, runs))} --out {out}"
+    assert merged == whole.replace("python -m benchmarks.reproduce", command)
+    assert "## Paired difference to CE" in merged
+    assert (out / "table.csv").read_bytes() == (fake_run / "table.csv").read_bytes()
+    settings = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    assert [source["command"] for source in settings["sources"]] == [
+        "run 0",
+        "run 1",
+        "run 2",
+    ]
+    test_archived_run_rebuilds_to_its_committed_tables(out)
+
+
+@pytest.mark.parametrize("case", ["same seed", "other epochs", "one run"])
+def test_runs_that_cannot_merge_exit_2_and_write_nothing(
+    fake_run, tmp_path, capsys, case
+):
+    runs = split_by_seed(fake_run, tmp_path)[:2]
+    if case == "same seed":
+        runs = [runs[0], runs[0]]
+    if case == "other epochs":
+        config, records, _, _ = report.load_run(runs[1])
+        other = dataclasses.replace(config, epochs=config.epochs + 1)
+        runs[1] = write_run(tmp_path / "other", other, records)
+    if case == "one run":
+        runs = runs[:1]
+    out = tmp_path / "merged"
+    assert merge.main([*map(str, runs), "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and len(error.strip().splitlines()) == 1
+    assert {"same seed": "repeats seeds [0]", "other epochs": "differs from"}.get(
+        case, "at least two runs"
+    ) in error
+    assert not out.exists()
 
 
 def _csv_rows(csv_text):
