@@ -151,8 +151,8 @@ class _Population:
         self.group = group
         self.splits = [splits[(t.dataset, t.seed)] for t in group]
         dataset = self.splits[0].dataset
-        self.x = jnp.asarray(dataset.x)
-        self.y = jnp.asarray(dataset.y, "int32")
+        self.x = _on_device(dataset.x)
+        self.y = _on_device(dataset.y, "int32")
         self.train_index = np.stack(
             [
                 split.parts[t.train_part]
@@ -162,7 +162,7 @@ class _Population:
         self.mean = self._pixel_means(dataset)
         self.model, self.state = self._initial_state(dataset)
         self.loss_slices = _loss_slices(config, group)
-        self.values = jnp.asarray(
+        self.values = _on_device(
             [0.0 if t.value is None else t.value for t in group], "float32"
         )
 
@@ -177,7 +177,7 @@ class _Population:
             np.mean(dataset.x[index], axis=0, dtype=np.float64)
             for index in self.train_index
         ]
-        return jnp.asarray(np.stack(means), "float32")
+        return _on_device(np.stack(means), "float32")
 
     def _initial_state(self, dataset):
         """Each member's initial weights, those of its seed trained alone."""
@@ -198,14 +198,13 @@ class _Population:
 
         def stack(per_member):
             return [
-                jnp.asarray(np.stack(values))
-                for values in zip(*per_member, strict=True)
+                _on_device(np.stack(values)) for values in zip(*per_member, strict=True)
             ]
 
         trainable = stack([by_seed[t.seed][0] for t in self.group])
         non_trainable = stack([by_seed[t.seed][1] for t in self.group])
         optimizer = [
-            jnp.asarray(np.broadcast_to(v, (members, *v.shape)))
+            _on_device(np.broadcast_to(v, (members, *v.shape)))
             for v in optimizer_values
         ]
         return model, (trainable, non_trainable, optimizer)
@@ -272,14 +271,14 @@ class _Population:
                 [self.train_index[m][b] for b in member if len(b) == config.batch_size]
                 for m, member in enumerate(batches)
             ]
-            indices = jnp.asarray(np.stack(full, axis=1), "int32")
+            indices = _on_device(np.stack(full, axis=1), "int32")
             state, losses = scan_epoch(state, indices, data)
             partial = [member[-1] for member in batches]
             if len(partial[0]) != config.batch_size:
                 index = np.stack(
                     [self.train_index[m][b] for m, b in enumerate(partial)]
                 )
-                state, _ = last_step(state, jnp.asarray(np.stack(index), "int32"), data)
+                state, _ = last_step(state, _on_device(index, "int32"), data)
             if verbose:
                 print(
                     f"  population of {len(group)}: epoch {epoch + 1}/"
@@ -309,7 +308,7 @@ class _Population:
                 logits_of(
                     trainable,
                     non_trainable,
-                    jnp.asarray(index[:, start : start + _EVAL_CHUNK], "int32"),
+                    _on_device(index[:, start : start + _EVAL_CHUNK], "int32"),
                     self.mean,
                     self.x,
                 )
@@ -319,6 +318,12 @@ class _Population:
             for member, result in enumerate(results):
                 result[part] = logits[member, :size].astype(np.float32)
         return results
+
+
+def _on_device(values, dtype=None):
+    """`values` as a JAX array: `device_put` compiles nothing, where
+    `jnp.asarray` of a numpy array compiles a copy per new shape."""
+    return jax.device_put(np.asarray(values, dtype))
 
 
 def _loss_slices(config, group):
