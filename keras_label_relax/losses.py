@@ -1330,14 +1330,17 @@ def _margin_kernel(z, class_ids, margin, weight):
     return cross_entropy + rate * _row_sum(gaps), backward
 
 
-# Eager PyTorch: gradients written out.
+# PyTorch: gradients written out.
 #
 # Eager PyTorch (what `fit` runs there by default) pays for every op twice:
 # once forward and once more for its recorded backward. On integer labels,
 # logits and Python-number hyper-parameters, the losses below record nothing
 # forward and compute their gradient with respect to the logits in one or
 # two passes over the classes, as PyTorch's own cross-entropy kernel does.
-# `torch.compile` traces the generic forms instead, which it fuses itself.
+# `torch.compile` traces them too (forward and backward): its fusions of the
+# generic forms' autodiff gradients cost up to 1.8x of the cross-entropy
+# where these kernels cost about 1x (measured under load, see
+# benchmarks/perf_losses.py).
 
 
 def _torch_kernel_applies(y_true, y_pred, from_logits, *hyper_parameters):
@@ -1345,20 +1348,16 @@ def _torch_kernel_applies(y_true, y_pred, from_logits, *hyper_parameters):
         return False
     if any(_is_tensor(value) for value in hyper_parameters):
         return False
-    import torch
-
-    return not torch.compiler.is_compiling() and _is_sparse(y_true, y_pred)
+    return _is_sparse(y_true, y_pred)
 
 
 def _torch_loss(kernel, y_true, logits, *hyper_parameters):
     """Per-sample losses of `kernel`, a key of `_TORCH_KERNELS`."""
     class_ids = _labels.class_ids(y_true, logits)
-    function = _torch_kernels()
-    return function.apply(logits, class_ids, kernel, *hyper_parameters)
+    return _SPARSE_LOGIT_LOSS.apply(logits, class_ids, kernel, *hyper_parameters)
 
 
-@functools.cache
-def _torch_kernels():
+def _sparse_logit_loss_function():
     """The autograd Function that runs a kernel of `_TORCH_KERNELS`.
 
     A kernel takes the logits `z` (N, K), the class ids `y` (N, 1), the
@@ -1549,6 +1548,13 @@ _TORCH_KERNELS = {
     "dual_focal_loss": _torch_dual_focal,
     "margin_label_smoothing": _torch_margin_label_smoothing,
 }
+
+
+# Made once at import: `torch.compile` cannot trace a class definition, so
+# the Function must exist before any compiled call reaches `_torch_loss`.
+_SPARSE_LOGIT_LOSS = (
+    _sparse_logit_loss_function() if keras.backend.backend() == "torch" else None
+)
 
 
 _LOSS_BODIES = {
