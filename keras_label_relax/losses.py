@@ -118,6 +118,8 @@ def label_relaxation(y_true, y_pred, alpha, from_logits=False):
 
 
 def _label_relaxation(y_true, y_pred, from_logits, alpha):
+    if _logit_kernel_applies(y_true, y_pred, from_logits, alpha):
+        return _run_logit_kernel(_RELAXATION_KERNEL, y_true, y_pred, alpha)
     class_ids = _labels.class_ids(y_true, y_pred)
     log_p = observed_log_probability(class_ids, y_pred, from_logits)
     losses = relaxation_from_log_probability(log_p, alpha)
@@ -248,6 +250,8 @@ def focal_loss(y_true, y_pred, gamma, from_logits=False):
 
 
 def _focal_loss(y_true, y_pred, from_logits, gamma):
+    if _logit_kernel_applies(y_true, y_pred, from_logits, gamma):
+        return _run_logit_kernel(_FOCAL_KERNEL, y_true, y_pred, gamma)
     if _is_sparse(y_true, y_pred):
         class_ids = _labels.class_ids(y_true, y_pred)
         log_p = observed_log_probability(class_ids, y_pred, from_logits)
@@ -513,6 +517,10 @@ def sample_dependent_focal_loss(
 
 
 def _sample_dependent_focal_loss(y_true, y_pred, from_logits, thresholds, gammas):
+    if _logit_kernel_applies(y_true, y_pred, from_logits, thresholds, gammas):
+        return _run_logit_kernel(
+            _SAMPLE_DEPENDENT_FOCAL_KERNEL, y_true, y_pred, thresholds, gammas
+        )
     if _is_sparse(y_true, y_pred):
         class_ids = _labels.class_ids(y_true, y_pred)
         log_p = observed_log_probability(class_ids, y_pred, from_logits)
@@ -669,6 +677,8 @@ def poly_loss(y_true, y_pred, epsilon, from_logits=False):
 
 
 def _poly_loss(y_true, y_pred, from_logits, epsilon):
+    if _logit_kernel_applies(y_true, y_pred, from_logits, epsilon):
+        return _run_logit_kernel(_POLY_KERNEL, y_true, y_pred, epsilon)
     if _is_sparse(y_true, y_pred):
         class_ids = _labels.class_ids(y_true, y_pred)
         log_p = observed_log_probability(class_ids, y_pred, from_logits)
@@ -1129,12 +1139,14 @@ def _compiled_loss(name, from_logits, epsilon, *hyper_parameters):
     return tf.function(losses, jit_compile=True, autograph=False)
 
 
-# TensorFlow and JAX: dual focal and MbLS with their gradients written out.
+# TensorFlow and JAX: gradients written out.
 #
-# XLA:CPU compiles the K-wide passes these two losses add to a cross-entropy,
-# and the masks of their autodiff gradients, into fusions that write several
-# (N, K) temporaries: measured 5x (dual focal) and 9x (MbLS) of Keras' sparse
-# cross-entropy at K = 1000 under `jax.jit`. The kernels below take logits
+# XLA:CPU compiles the K-wide passes dual focal loss and MbLS add to a
+# cross-entropy, and the masks of their autodiff gradients, into fusions that
+# write several (N, K) temporaries: measured 5x (dual focal) and 9x (MbLS) of
+# Keras' sparse cross-entropy at K = 1000 under `jax.jit`; the losses of
+# `log p_y` alone fare better, but not well (see
+# `_function_of_log_p_kernel`). The kernels below take logits
 # (N, K), class ids (N,) and Python-number hyper-parameters and return the
 # losses (N, 1) and `backward(g)`, which turns the upstream gradient (N, 1)
 # into the gradient with respect to the logits in one elementwise pass.
@@ -1232,6 +1244,69 @@ def _dual_focal_kernel(z, class_ids, gamma):
     return -weight * log_p, backward
 
 
+def _function_of_log_p_kernel(value_and_slope):
+    """A logit kernel for a loss `f(log p_y)`: gradient `f'(log p_y) (onehot_y - p)`.
+
+    `value_and_slope(log_p, *hyper_parameters)` gives `f` and `f'` on (N, 1).
+    Autodiff leaves XLA to fuse these per-sample terms into the (N, K)
+    gradient, which it does by recomputing them for every class: measured
+    under `jax.jit`, under load, FLSD-53 at K = 10 from 1.56x of the
+    cross-entropy to 0.88x, label relaxation at K = 1000 from 1.10x to 0.75x.
+    """
+
+    def kernel(z, class_ids, *hyper_parameters):
+        shifted, log_sum = _shifted_logits(z)
+        log_p = ops.expand_dims(take_class(shifted, class_ids), -1) - log_sum
+        losses, slope = value_and_slope(log_p, *hyper_parameters)
+
+        def backward(g):
+            p = ops.exp(shifted - log_sum)
+            return (g * slope) * (_one_hot_rows(class_ids, z) - p)
+
+        return losses, backward
+
+    return kernel
+
+
+def _odds(log_p):
+    """`p / (1 - p)`, the slope of `-log1m_exp`; 0 past its cap."""
+    live = log_p <= _MAX_LOG_PROBABILITY
+    return ops.where(live, ops.exp(log_p) / one_minus_probability(log_p), 0.0)
+
+
+def _relaxation_value_and_slope(log_p, alpha):
+    losses = relaxation_from_log_probability(log_p, alpha)
+    if alpha == 0.0:
+        return losses, ops.full_like(log_p, -1.0)
+    # d/dl [c - (1 - a) l - a log(1 - e^l)], 0 where the loss is.
+    slope = alpha * _odds(log_p) - (1.0 - alpha)
+    return losses, ops.where(log_p >= math.log1p(-alpha), 0.0, slope)
+
+
+def _focal_value_and_slope(log_p, gamma):
+    weight = focal_weight(log_p, gamma)
+    # d/dl [-(1 - p)^g l] = g (1 - p)^g (p / (1 - p)) l - (1 - p)^g.
+    slope = gamma * weight * _odds(log_p) * log_p - weight
+    return -weight * log_p, slope
+
+
+def _sample_dependent_focal_value_and_slope(log_p, thresholds, gammas):
+    return _focal_value_and_slope(log_p, _piecewise_gamma(log_p, thresholds, gammas))
+
+
+def _poly_value_and_slope(log_p, epsilon):
+    # d/dl [-l - e (e^l - 1)] = -1 - e p.
+    return -log_p - epsilon * ops.expm1(log_p), -1.0 - epsilon * ops.exp(log_p)
+
+
+_RELAXATION_KERNEL = _function_of_log_p_kernel(_relaxation_value_and_slope)
+_FOCAL_KERNEL = _function_of_log_p_kernel(_focal_value_and_slope)
+_SAMPLE_DEPENDENT_FOCAL_KERNEL = _function_of_log_p_kernel(
+    _sample_dependent_focal_value_and_slope
+)
+_POLY_KERNEL = _function_of_log_p_kernel(_poly_value_and_slope)
+
+
 def _margin_kernel(z, class_ids, margin, weight):
     shifted, log_sum = _shifted_logits(z)
     # CE + (w / K) sum_k relu(max z - m - z_k): the gradient is p - onehot_y,
@@ -1255,14 +1330,17 @@ def _margin_kernel(z, class_ids, margin, weight):
     return cross_entropy + rate * _row_sum(gaps), backward
 
 
-# Eager PyTorch: gradients written out.
+# PyTorch: gradients written out.
 #
 # Eager PyTorch (what `fit` runs there by default) pays for every op twice:
 # once forward and once more for its recorded backward. On integer labels,
 # logits and Python-number hyper-parameters, the losses below record nothing
 # forward and compute their gradient with respect to the logits in one or
 # two passes over the classes, as PyTorch's own cross-entropy kernel does.
-# `torch.compile` traces the generic forms instead, which it fuses itself.
+# `torch.compile` traces them too (forward and backward): its fusions of the
+# generic forms' autodiff gradients cost up to 1.8x of the cross-entropy
+# where these kernels cost about 1x (measured under load, see
+# benchmarks/perf_losses.py).
 
 
 def _torch_kernel_applies(y_true, y_pred, from_logits, *hyper_parameters):
@@ -1270,20 +1348,16 @@ def _torch_kernel_applies(y_true, y_pred, from_logits, *hyper_parameters):
         return False
     if any(_is_tensor(value) for value in hyper_parameters):
         return False
-    import torch
-
-    return not torch.compiler.is_compiling() and _is_sparse(y_true, y_pred)
+    return _is_sparse(y_true, y_pred)
 
 
 def _torch_loss(kernel, y_true, logits, *hyper_parameters):
     """Per-sample losses of `kernel`, a key of `_TORCH_KERNELS`."""
     class_ids = _labels.class_ids(y_true, logits)
-    function = _torch_kernels()
-    return function.apply(logits, class_ids, kernel, *hyper_parameters)
+    return _SPARSE_LOGIT_LOSS.apply(logits, class_ids, kernel, *hyper_parameters)
 
 
-@functools.cache
-def _torch_kernels():
+def _sparse_logit_loss_function():
     """The autograd Function that runs a kernel of `_TORCH_KERNELS`.
 
     A kernel takes the logits `z` (N, K), the class ids `y` (N, 1), the
@@ -1474,6 +1548,13 @@ _TORCH_KERNELS = {
     "dual_focal_loss": _torch_dual_focal,
     "margin_label_smoothing": _torch_margin_label_smoothing,
 }
+
+
+# Made once at import: `torch.compile` cannot trace a class definition, so
+# the Function must exist before any compiled call reaches `_torch_loss`.
+_SPARSE_LOGIT_LOSS = (
+    _sparse_logit_loss_function() if keras.backend.backend() == "torch" else None
+)
 
 
 _LOSS_BODIES = {

@@ -252,7 +252,10 @@ def compiled(fn):
 
 
 def test_compiled_values_and_gradients_match_reference():
-    """One case per loss, weighted in one compiled function (one torch.compile)."""
+    """One case per loss, weighted in one compiled function (one torch.compile).
+
+    On PyTorch, this runs the hand-written gradients under `torch.compile`.
+    """
     rng = np.random.default_rng(9)
     logits = np.concatenate([random_logits(rng, 8), untied_large_logits(rng, 8)])
     y_true = labels(rng, 16)
