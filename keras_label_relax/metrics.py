@@ -1132,16 +1132,20 @@ def _brier_update(labels, y_pred, weight, from_logits, num_bins, dtype):
 def _per_bin_vector_sums(probs, weight, bins, num_bins, dtype):
     """The (weighted) sums of the probability vectors per bin, `(num_bins, K)`.
 
-    A sum of rows by segment: eager on PyTorch `index_add_`, elsewhere
+    A sum of rows by segment: on PyTorch `index_add_`, elsewhere
     `segment_sum` (compiled, a scatter of rows). Both beat the product with
     the `N x num_bins` membership matrix 2-4x on a CPU, and PyTorch's and
     TensorFlow's histograms of each column for 100 classes by far more.
     """
     values = probs if weight is None else probs * weight[:, None]
-    if keras.backend.backend() == "torch" and _values_visible(bins):
+    if keras.backend.backend() == "torch":
+        # Also on meta tensors (Keras' symbolic pass), where Keras'
+        # `segment_sum` fails.
         import torch
 
-        sums = torch.zeros((num_bins, probs.shape[-1]), dtype=values.dtype)
+        sums = torch.zeros(
+            (num_bins, probs.shape[-1]), dtype=values.dtype, device=values.device
+        )
         return sums.index_add_(0, bins.long(), values)
     return ops.segment_sum(values, bins, num_bins)
 
