@@ -194,7 +194,9 @@ def test_label_relaxation_takes_argmax_of_soft_labels():
     y_pred = random_logits(rng, 16)
     soft = rng.dirichlet(np.ones(NUM_CLASSES), 16).astype("float32")
     loss = LabelRelaxation(alpha=0.1, from_logits=True, reduction=None)
-    assert_close(loss(soft, y_pred), loss(np.argmax(soft, -1), y_pred), 0, 0)
+    # Soft labels and class ids run different kernels on some backends: the
+    # same loss up to float32 rounding.
+    assert_close(loss(soft, y_pred), loss(np.argmax(soft, -1), y_pred), 1e-6, 0)
 
 
 @pytest.mark.parametrize("loss_dtype", ["float16", "bfloat16", "mixed_bfloat16"])

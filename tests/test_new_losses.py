@@ -161,16 +161,24 @@ def test_half_precision_inputs_are_computed_in_float32(case, dtype):
 
 
 def test_dual_focal_ranks_on_the_inputs_not_on_rounded_probabilities():
-    # Logits whose probabilities tie after rounding, and a label tied at the
-    # top: p_j comes from the next lower rank, 0 when there is none.
+    # Logits whose probabilities tie after rounding, a label tied at the top
+    # and one tied with a signed zero: p_j comes from the next lower rank, 0
+    # when there is none.
     logits = np.array(
-        [[2.0, 2.0, 0.0], [2.0, 2.0, 2.0], [1.0, 1.0 + 1e-7, -3.0]], dtype="float32"
+        [
+            [2.0, 2.0, 0.0],
+            [2.0, 2.0, 2.0],
+            [1.0, 1.0 + 1e-7, -3.0],
+            [0.0, -0.0, -1.0],
+            [-0.0, 0.0, -1.0],
+        ],
+        dtype="float32",
     )
-    y_true = np.array([0, 1, 0])
+    y_true = np.array([0, 1, 0, 0, 0])
     loss = DualFocalLoss(gamma=2.0, from_logits=True, reduction=None)
     p = np.exp(references.log_probabilities(logits, True))
-    p_y = p[np.arange(3), y_true]
-    p_j = np.array([p[0, 2], 0.0, p[2, 2]])
+    p_y = p[np.arange(5), y_true]
+    p_j = np.array([p[0, 2], 0.0, p[2, 2], p[3, 2], p[4, 2]])
     expected = -((1 - p_y + p_j) ** 2) * np.log(p_y)
     assert_close(loss(y_true, logits), expected, rtol=1e-6, atol=1e-7)
 
