@@ -13,6 +13,7 @@ from keras_label_relax import ConfidencePenalty
 from keras_label_relax import FocalLoss
 from keras_label_relax import LabelRelaxation
 from keras_label_relax import LabelSmoothing
+from keras_label_relax import losses as losses_module
 
 LOSSES = {
     "lr": (LabelRelaxation, "alpha", references.label_relaxation),
@@ -121,6 +122,15 @@ def test_gradients_match_reference(key, value, inputs):
     expected = references.numeric_gradient(reference_total, y_pred.astype("float64"))
     np.testing.assert_allclose(value_, reference_total(y_pred), rtol=1e-5)
     np.testing.assert_allclose(gradient, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("key,value", [("lr", 0.1), ("fl", 2.0)])
+def test_large_logits_run_op_by_op_on_tensorflow(key, value, monkeypatch):
+    # Eager TensorFlow runs these losses op by op from a size on (on its
+    # fused cross-entropy op); every input is that large here.
+    monkeypatch.setattr(losses_module, "_OP_BY_OP_FROM_ENTRIES", 1)
+    test_gradients_match_reference(key, value, "large-logits")
+    test_values_match_reference(key, value, "random-logits")
 
 
 @pytest.mark.parametrize("key,value", CASES, ids=CASE_IDS)
