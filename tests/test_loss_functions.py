@@ -337,6 +337,16 @@ def test_float64_in_is_float64_throughout(key, from_logits):
             )
 
 
+@pytest.mark.parametrize("key", FLOAT64_CASES)
+def test_float64_torch_softmax_kernels(key, monkeypatch):
+    # Eager PyTorch takes log p_y from the softmax from a number of classes
+    # on (these tests' classes take the log-softmax); every input does here.
+    if keras.backend.backend() != "torch":
+        pytest.skip("PyTorch's kernels")
+    monkeypatch.setattr(losses, "_SOFTMAX_FROM_CLASSES", 1)
+    test_float64_in_is_float64_throughout(key, True)
+
+
 @pytest.mark.parametrize("alpha", [0.01, 0.1, 0.4])
 def test_float64_label_relaxation_gradient_is_p_minus_q_to_1e12(alpha):
     rng = np.random.default_rng(8)

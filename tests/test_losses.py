@@ -133,6 +133,20 @@ def test_large_logits_run_op_by_op_on_tensorflow(key, value, monkeypatch):
     test_values_match_reference(key, value, "random-logits")
 
 
+@pytest.mark.parametrize(
+    "key,value", [("lr", 0.1), ("ls", 0.1), ("cp", 0.5), ("fl", 2.0)]
+)
+def test_torch_softmax_kernels_match_reference(key, value, monkeypatch):
+    # Eager PyTorch takes log p_y from the softmax from a number of classes
+    # on (these tests' 7 classes take the log-softmax); every input does here.
+    if keras.backend.backend() != "torch":
+        pytest.skip("PyTorch's kernels")
+    monkeypatch.setattr(losses_module, "_SOFTMAX_FROM_CLASSES", 1)
+    test_values_match_reference(key, value, "large-logits")
+    test_gradients_match_reference(key, value, "large-logits")
+    test_gradients_match_reference(key, value, "random-logits")
+
+
 @pytest.mark.parametrize("key,value", CASES, ids=CASE_IDS)
 def test_gradients_wrt_probabilities_are_finite_at_0_and_1(key, value):
     rng = np.random.default_rng(2)

@@ -19,6 +19,7 @@ from keras_label_relax import DualFocalLoss
 from keras_label_relax import MarginLabelSmoothing
 from keras_label_relax import PolyLoss
 from keras_label_relax import SampleDependentFocalLoss
+from keras_label_relax import losses as losses_module
 
 # key: (class, keyword arguments, reference taking the same keywords)
 CASES = {
@@ -158,6 +159,18 @@ def test_half_precision_inputs_are_computed_in_float32(case, dtype):
         lambda z: ops.sum(loss(y_true, ops.cast(z, dtype))), logits
     )
     assert np.all(np.isfinite(gradient))
+
+
+@pytest.mark.parametrize("case", ["flsd-53", "dfl-4", "mbls-2", "poly-1"])
+def test_torch_softmax_kernels_match_reference(case, monkeypatch):
+    # Eager PyTorch takes log p_y from the softmax from a number of classes
+    # on (the tests' 7 classes take the log-softmax); every input does here.
+    if keras.backend.backend() != "torch":
+        pytest.skip("PyTorch's kernels")
+    monkeypatch.setattr(losses_module, "_SOFTMAX_FROM_CLASSES", 1)
+    test_values_match_reference(case, "large-logits")
+    test_gradients_match_reference(case, "large-logits")
+    test_gradients_match_reference(case, "random-logits")
 
 
 def test_dual_focal_ranks_on_the_inputs_not_on_rounded_probabilities():
