@@ -1085,9 +1085,9 @@ def _second_moment_pass(scores, weights):
 
 
 def _whiten_pass(scores, weights, inverse_factor):
-    k = scores.shape[-1]
-    whitened = ops.matmul(scores, ops.transpose(inverse_factor[:, :k]))
-    whitened = whitened + inverse_factor[:, k]
+    # Not `[:, :K]`: a retraced `tf.function` may not know K.
+    whitened = ops.matmul(scores, ops.transpose(inverse_factor[:, :-1]))
+    whitened = whitened + inverse_factor[:, -1]
     return whitened, whitened * weights[:, None]
 
 
