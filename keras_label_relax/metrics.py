@@ -1103,7 +1103,7 @@ def _brier_update(labels, y_pred, weight, from_logits, num_bins, dtype):
     probs, squares, label_prob, valid = _brier_terms(labels, y_pred, from_logits)
     num_classes = probs.shape[-1]
     totals = _brier_totals_from_terms(squares, label_prob, weight, dtype)
-    confidence = ops.max(probs, axis=-1)
+    confidence = _row_max(probs)
     bins = ops.clip(ops.ceil(confidence * num_bins) - 1.0, 0.0, num_bins - 1.0)
     bins = ops.clip(ops.cast(bins, "int32"), 0, num_bins - 1)
     label_weight = ops.cast(valid, dtype)
@@ -1599,6 +1599,25 @@ def _torch_fast_top_label(y_pred, from_logits):
 _TORCH_POOLED_MAX_CLASSES = 12
 
 
+def _row_max(x):
+    """`ops.max(x, axis=-1)` of a matrix, faster on eager PyTorch."""
+    if keras.backend.backend() == "torch" and _values_visible(x):
+        return _torch_row_max(x)
+    return ops.max(x, axis=-1)
+
+
+def _torch_row_max(x):
+    import torch
+    import torch.nn.functional as F
+
+    num_classes = x.shape[-1]
+    poolable = x.dtype in (torch.float32, torch.float64)
+    if num_classes > _TORCH_POOLED_MAX_CLASSES or not poolable:
+        return torch.amax(x, dim=-1)
+    pooled = F.max_pool1d(x.reshape(1, 1, -1), num_classes, num_classes)
+    return pooled.reshape(-1)
+
+
 def _torch_top_label(y_pred, labels):
     """`_top_label` of eager PyTorch probabilities `(N, K)`.
 
@@ -1607,15 +1626,10 @@ def _torch_top_label(y_pred, labels):
     some row has a tied maximum is the first one located by `argmax`.
     """
     import torch
-    import torch.nn.functional as F
 
     num_rows, num_classes = y_pred.shape
     with torch.no_grad():
-        if num_classes <= _TORCH_POOLED_MAX_CLASSES:
-            pooled = F.max_pool1d(y_pred.reshape(1, 1, -1), num_classes, num_classes)
-            confidence = pooled.reshape(-1)
-        else:
-            confidence = torch.amax(y_pred, dim=-1)
+        confidence = _torch_row_max(y_pred)
         valid = (labels >= 0) & (labels < num_classes)
         safe_labels = torch.where(valid, labels, 0).long()
         label_prob = torch.gather(y_pred, 1, safe_labels[:, None])[:, 0]
