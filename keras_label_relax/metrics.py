@@ -1455,29 +1455,10 @@ def _checked_increments(
     """`update(labels, y_pred, weight, *static)` as a tuple of state
     increments, the values checked first (with `check`, when visible).
 
-    Eager on TensorFlow and JAX, large batches run `update` through one
-    cached compiled function that also returns the check's reductions, so
-    that a `ValueError` is raised before any state changes; with
-    `blockwise` (for increments that are sums over the rows and `N x K`
-    temporaries), one that reduces the batch block by block.
+    Eager large batches on TensorFlow and JAX take `_compiled_state_update`
+    instead (see `_compiles_eager`).
     """
-    visible = _values_visible(y_pred)
-    check = check and visible
-    if visible and _compiles(y_pred):
-        compiled = _compiled_update(
-            update,
-            static,
-            from_logits,
-            check,
-            weight is None,
-            y_pred.shape[-1],
-            blockwise,
-        )
-        increments, summary = compiled(labels, y_pred, weight)
-        if check:
-            _raise_for_values(summary, labels, y_pred, weight, from_logits)
-        return tuple(increments)
-    if check:
+    if check and _values_visible(y_pred):
         _check_values(labels, y_pred, weight, from_logits)
     return _as_tuple(update(labels, y_pred, weight, *static))
 
@@ -1530,9 +1511,16 @@ def _compiled_state_step(
     update, static, from_logits, check, unweighted, num_classes, blockwise
 ):
     """The compiled `(totals, errors, labels, y_pred, weight) -> (totals,
-    errors, summary)` of `_compiled_state_update`, cached as
-    `_compiled_update` is."""
+    errors, summary)` of `_compiled_state_update`.
+
+    Cached for every configuration (`unweighted` and `num_classes` keep
+    TensorFlow from generalising them away), so that metric instances share
+    it; each new batch shape is traced and compiled once. With `blockwise`,
+    the increments are sums over the rows, added up block by block.
+    """
     del unweighted, num_classes  # Only part of the key.
+    # A partial, not a closure: TensorFlow tells functions apart by their
+    # code when it counts retracing, and would warn for all of them at once.
     return _compile(
         functools.partial(_state_step, update, static, from_logits, check, blockwise)
     )
@@ -1588,28 +1576,6 @@ def _compiles(y_pred):
 
 def _as_tuple(increments):
     return increments if isinstance(increments, tuple) else (increments,)
-
-
-@functools.cache
-def _compiled_update(
-    update, static, from_logits, check, unweighted, num_classes, blockwise
-):
-    """The compiled `(labels, y_pred, weight) -> (increments, summary)`.
-
-    Cached for every configuration (`unweighted` and `num_classes` keep
-    TensorFlow from generalising them away), so that metric instances share
-    it; each new batch shape is traced and compiled once (on TensorFlow, a
-    second shape traces for any batch size). With `blockwise`, the
-    increments are sums over the rows, added up block by block.
-    """
-    del unweighted, num_classes  # Only part of the key.
-    # A partial, not a closure: TensorFlow tells functions apart by their
-    # code when it counts retracing, and would warn for all of them at once.
-    return _compile(
-        functools.partial(
-            _increments_and_summary, update, static, from_logits, check, blockwise
-        )
-    )
 
 
 def _compile(function):
