@@ -96,12 +96,7 @@ class _SumsMetric(keras.metrics.Metric):
         if _compiles_small(increments[0]):
             # Eager, one compiled call instead of five ops per variable.
             add = _compiled_compensated_sums(self.dtype)
-        new_totals, new_errors = add(totals, errors, list(increments))
-        for (variable, error), total, new_error in zip(
-            self._sums, new_totals, new_errors, strict=True
-        ):
-            error.assign(new_error)
-            variable.assign(total)
+        self._assign_sums(*add(totals, errors, list(increments)))
 
     def _assign_sums(self, totals, errors):
         for (variable, error), total, new_error in zip(
@@ -132,7 +127,7 @@ class _SumsMetric(keras.metrics.Metric):
     ):
         """Adds `update(labels, y_pred, weight, *static)`'s increments of a
         batch to the state, after checking its values; an empty batch is a
-        no-op. `blockwise`: see `_checked_increments`."""
+        no-op. `blockwise`: see `_compiled_state_step`."""
         inputs = _flat_inputs(
             y_true, y_pred, sample_weight, self.dtype, self.from_logits, False
         )
@@ -155,7 +150,6 @@ class _SumsMetric(keras.metrics.Metric):
                 *inputs,
                 self.from_logits,
                 self.validate_args,
-                blockwise,
             )
             self._add_compensated(*increments)
 
@@ -1450,7 +1444,6 @@ def _checked_increments(
     weight,
     from_logits,
     check,
-    blockwise=False,
 ):
     """`update(labels, y_pred, weight, *static)` as a tuple of state
     increments, the values checked first (with `check`, when visible).
