@@ -1595,7 +1595,9 @@ def _torch_dual_focal(z, y, gamma):
     # Not a `where` and a max, which are 4-8x slower on eager PyTorch.
     z_y = z.gather(1, y)
     gaps = torch.sub(z, z_y).add_(0.0)
-    bits, j = gaps.view(_TORCH_SIGNED_BITS[z.element_size()]).min(dim=-1, keepdim=True)
+    bits = gaps.view(_TORCH_SIGNED_BITS[z.element_size()])
+    j = bits.argmin(dim=-1, keepdim=True)
+    bits = bits.gather(1, j)
     p_j = torch.exp(z.gather(1, j) - z_y + log_p).masked_fill_(bits >= 0, 0.0)
     rest, live = _torch_one_minus_p(log_p)
     base = rest + p_j
@@ -1625,10 +1627,17 @@ def _torch_margin_label_smoothing(z, y, margin, weight):
 
     # CE + (w / K) sum_k relu(max z - m - z_k); gradient p - onehot_y
     # - (w / K) [z_k below the ceiling] + (w / K) #below at the argmax.
-    top, top_index = z.max(dim=-1, keepdim=True)
+    top = z.amax(dim=-1, keepdim=True)
     rows = _torch_rows(z, y, top)
     rate = weight / z.shape[-1]
-    gaps = torch.sub(top - margin, z).clamp_(min=0.0)
+    # The distances top - z are >= +0, and such floats order as their bits
+    # do read as integers: an integer argmin finds the first largest logit in
+    # under half the time of a float `max` with indices on eager PyTorch.
+    distances = torch.sub(top, z)
+    top_index = distances.view(_TORCH_SIGNED_BITS[z.element_size()]).argmin(
+        dim=-1, keepdim=True
+    )
+    gaps = distances.sub_(margin).clamp_(min=0.0)
     losses = rate * gaps.sum(dim=-1, keepdim=True) - rows.log_p
     # 1 where a class is below the ceiling, else 0 (the gaps are >= 0).
     below = gaps.sign_()
