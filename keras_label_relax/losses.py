@@ -1562,25 +1562,37 @@ def _torch_label_smoothing(z, y, alpha):
 
 
 def _torch_confidence_penalty(z, y, beta):
-    import torch
 
-    # CE - b H; gradient p (1 + b (log p + H)) - onehot_y, with
-    # log p = shifted - log_sum: H = log_sum - sum p shifted, a sum of two
-    # non-negative terms.
+    # CE - b H; gradient p (1 + b (log p + H)) - onehot_y. With
+    # log p = shifted - log_sum and q = p shifted: H = log_sum - sum q, a sum
+    # of two non-negative terms, and the gradient is p c + b g q - onehot_y g
+    # for c = g (1 + b (H - log_sum)).
     rows = _torch_rows(z, y)
-    if rows.log_probabilities is None:
-        shifted, log_sum = z - rows.top, rows.log_sum
-    else:
-        shifted, log_sum = rows.log_probabilities, 0.0
-    entropy_ = log_sum - torch.linalg.vecdot(rows.p, shifted).unsqueeze(-1)
+    products = [_torch_probability_times_shifted(rows)]
+    log_sum = 0.0 if rows.log_sum is None else rows.log_sum
+    entropy_ = log_sum - products[0].sum(dim=-1, keepdim=True)
     losses = -rows.log_p - beta * entropy_
 
     def backward(g):
-        offset = g * (1.0 + beta * (entropy_ - log_sum))
-        factor = torch.addcmul(offset, shifted, g * beta)
-        return factor.mul_(rows.p).scatter_add_(1, y, -g)
+        # The first backward turns q into the gradient in place (each fresh
+        # (N, K) tensor costs page faults on top of its pass); a second one,
+        # after `retain_graph=True`, recomputes q.
+        product = products.pop() if products else _torch_probability_times_shifted(rows)
+        gradient = product.mul_(g * beta).addcmul_(
+            rows.p, g * (1.0 + beta * (entropy_ - log_sum))
+        )
+        return gradient.scatter_add_(1, y, -g)
 
     return losses, backward
+
+
+def _torch_probability_times_shifted(rows):
+    """A new tensor `p * (z - top)`, or `p * log p` on the log-softmax route."""
+    import torch
+
+    if rows.log_probabilities is None:
+        return torch.sub(rows.z, rows.top).mul_(rows.p)
+    return rows.log_probabilities.mul(rows.p)
 
 
 def _torch_dual_focal(z, y, gamma):

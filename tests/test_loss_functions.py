@@ -347,6 +347,32 @@ def test_float64_torch_softmax_kernels(key, monkeypatch):
     test_float64_in_is_float64_throughout(key, True)
 
 
+@pytest.mark.parametrize("softmax_from_classes", [1, None], ids=["softmax", "default"])
+@pytest.mark.parametrize("key", FLOAT64_CASES)
+def test_torch_kernels_give_the_same_gradient_twice(
+    key, softmax_from_classes, monkeypatch
+):
+    # Some kernels turn a forward tensor into the gradient in place; a second
+    # backward through a retained graph must not see it changed.
+    if keras.backend.backend() != "torch":
+        pytest.skip("PyTorch's kernels")
+    import torch
+
+    if softmax_from_classes is not None:
+        monkeypatch.setattr(losses, "_SOFTMAX_FROM_CLASSES", softmax_from_classes)
+    loss, _, _ = FLOAT64_CASES[key]
+    loss = loss.from_config({**loss.get_config(), "from_logits": True})
+    rng = np.random.default_rng(10)
+    logits = torch.tensor(
+        3 * rng.standard_normal((16, NUM_CLASSES)), requires_grad=True
+    )
+    total = ops.sum(loss(torch.tensor(labels(rng, 16)), logits) * torch.arange(16.0))
+    (first,) = torch.autograd.grad(total, logits, retain_graph=True)
+    first = first.numpy().copy()  # a gradient may be a kernel's buffer
+    (second,) = torch.autograd.grad(total, logits)
+    np.testing.assert_array_equal(second.numpy(), first)
+
+
 @pytest.mark.parametrize("alpha", [0.01, 0.1, 0.4])
 def test_float64_label_relaxation_gradient_is_p_minus_q_to_1e12(alpha):
     rng = np.random.default_rng(8)
