@@ -1568,22 +1568,34 @@ def _torch_confidence_penalty(z, y, beta):
     # of two non-negative terms, and the gradient is p c + b g q - onehot_y g
     # for c = g (1 + b (H - log_sum)).
     rows = _torch_rows(z, y)
-    products = [_torch_probability_times_shifted(rows)]
+    product = _torch_probability_times_shifted(rows)
     log_sum = 0.0 if rows.log_sum is None else rows.log_sum
-    entropy_ = log_sum - products[0].sum(dim=-1, keepdim=True)
+    entropy_ = log_sum - product.sum(dim=-1, keepdim=True)
     losses = -rows.log_p - beta * entropy_
+    take_product = _torch_once_then(
+        product, lambda: _torch_probability_times_shifted(rows)
+    )
 
     def backward(g):
-        # The first backward turns q into the gradient in place (each fresh
-        # (N, K) tensor costs page faults on top of its pass); a second one,
-        # after `retain_graph=True`, recomputes q.
-        product = products.pop() if products else _torch_probability_times_shifted(rows)
-        gradient = product.mul_(g * beta).addcmul_(
-            rows.p, g * (1.0 + beta * (entropy_ - log_sum))
+        gradient = (
+            take_product()
+            .mul_(g * beta)
+            .addcmul_(rows.p, g * (1.0 + beta * (entropy_ - log_sum)))
         )
         return gradient.scatter_add_(1, y, -g)
 
     return losses, backward
+
+
+def _torch_once_then(tensor, recompute):
+    """A `take()` that returns `tensor` once, then new tensors `recompute()`.
+
+    For a backward that turns a forward tensor into the gradient in place:
+    each fresh (N, K) tensor costs page faults on top of its pass on eager
+    PyTorch. A second backward, after `retain_graph=True`, recomputes it.
+    """
+    spare = [tensor]
+    return lambda: spare.pop() if spare else recompute()
 
 
 def _torch_probability_times_shifted(rows):
@@ -1654,9 +1666,12 @@ def _torch_margin_label_smoothing(z, y, margin, weight):
     # 1 where a class is below the ceiling, else 0 (the gaps are >= 0).
     below = gaps.sign_()
     count = below.sum(dim=-1, keepdim=True)
+    take_below = _torch_once_then(
+        below, lambda: torch.sub(top, z).sub_(margin).clamp_(min=0.0).sign_()
+    )
 
     def backward(g):
-        gradient = torch.mul(rows.p, g).addcmul_(below, -rate * g)
+        gradient = take_below().mul_(-rate * g).addcmul_(rows.p, g)
         gradient.scatter_add_(1, y, -g)
         return gradient.scatter_add_(1, top_index, rate * g * count)
 
