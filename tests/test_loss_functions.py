@@ -260,6 +260,38 @@ def float64_enabled():
         yield
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape", [(16,), (4, 5), (0,), (0, 3)], ids=str)
+@pytest.mark.parametrize(
+    "reduction", ["sum_over_batch_size", "mean", "mean_with_sample_weight"]
+)
+def test_unweighted_mean_is_keras_reduction(reduction, shape, dtype):
+    # Without weights or masks the losses skip Keras' reduction for a mean;
+    # it must give what Keras' reduction gives, 0 for an empty batch too.
+    from keras.src.losses.loss import reduce_weighted_values
+
+    rng = np.random.default_rng(11)
+    y_pred = (3 * rng.standard_normal((*shape, NUM_CLASSES))).astype(dtype)
+    y_true = rng.integers(0, NUM_CLASSES, shape)
+    loss = losses.LabelRelaxation(
+        alpha=0.1, from_logits=True, reduction=reduction, dtype=dtype
+    )
+    per_sample = losses.LabelRelaxation(
+        alpha=0.1, from_logits=True, reduction=None, dtype=dtype
+    )
+    with float64_enabled():
+        result = loss(y_true, ops.convert_to_tensor(y_pred))
+        expected = reduce_weighted_values(
+            per_sample(y_true, ops.convert_to_tensor(y_pred)),
+            reduction=reduction,
+            dtype=dtype,
+        )
+        assert keras.backend.standardize_dtype(result.dtype) == dtype
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(result), ops.convert_to_numpy(expected), rtol=1e-6
+    )
+
+
 FLOAT64_CASES = {
     "lr": (
         losses.LabelRelaxation(alpha=0.1, reduction=None),
