@@ -1176,6 +1176,34 @@ def _torch_matrix_pass(features, weighted_features, index, matrix, logits):
     return row_loss, residual.T @ weighted_features
 
 
+def _torch_vector_pass(scores, weights, index, scale, bias, buffers, with_hessian):
+    """Vector scaling's pass in three (N, K) buffers of the problem's (see
+    `_torch_matrix_pass`), with the same sums as `_vector_hessian_pass`."""
+    import torch
+
+    probs, scratch, weighted = buffers
+    torch.addcmul(bias, scores, scale, out=probs)
+    log_probs = torch.log_softmax(probs, dim=-1, out=probs)
+    row_loss = -log_probs.gather(1, index)[:, 0]
+    probs = log_probs.exp_()
+    hessian = None
+    if with_hessian:
+        torch.mul(probs, weights[:, None], out=weighted)
+        h_bb = torch.diag(weighted.sum(dim=0)) - weighted.T @ probs
+        torch.mul(probs, scores, out=scratch)
+        weighted_products = weighted.mul_(scores)
+        h_ss = -(weighted_products.T @ scratch)
+        h_sb = torch.diag(weighted_products.sum(dim=0)) - weighted_products.T @ probs
+        h_ss += torch.diag(torch.mul(weighted_products, scores, out=scratch).sum(dim=0))
+        hessian = torch.stack([h_ss, h_sb, h_bb])
+    # The residuals, as in `_torch_matrix_pass`, then their weighted sums.
+    residual = probs.scatter_add_(1, index, -probs.new_ones(index.shape))
+    residual = torch.mul(residual, weights[:, None], out=scratch)
+    bias_gradient = residual.sum(dim=0)
+    scale_gradient = residual.mul_(scores).sum(dim=0)
+    return row_loss, torch.stack([scale_gradient, bias_gradient]), hessian
+
+
 _TORCH_PASSES = {_temperature_pass: _torch_temperature_pass}
 
 
@@ -1338,15 +1366,17 @@ class _VectorProblem(_Problem):
         """Mean NLL, its gradient and (`with_hessian`) Hessian w.r.t.
         `(scale, bias)`; the Hessian is None without."""
         k = self.num_classes
-        run = _compiled(_vector_hessian_pass if with_hessian else _vector_gradient_pass)
-        row_loss, gradient, *hessian = run(
-            self.scores,
-            self.labels,
-            self.onehot,
-            self.device_weights,
-            _float32(parameters[:k]),
-            _float32(parameters[k:]),
-        )
+        scale, bias = _float32(parameters[:k]), _float32(parameters[k:])
+        if keras.backend.backend() == "torch":
+            row_loss, gradient, hessian = self._torch_pass(scale, bias, with_hessian)
+            hessian = [] if hessian is None else [hessian]
+        else:
+            run = _compiled(
+                _vector_hessian_pass if with_hessian else _vector_gradient_pass
+            )
+            row_loss, gradient, *hessian = run(
+                self.scores, self.labels, self.onehot, self.device_weights, scale, bias
+            )
         if hessian:
             h_ss, h_sb, h_bb = _to_numpy(hessian[0])
             hessian = np.block([[h_ss, h_sb], [h_sb.T, h_bb]])
@@ -1357,6 +1387,23 @@ class _VectorProblem(_Problem):
             _to_numpy(gradient).ravel(),
             hessian,
         )
+
+    def _torch_pass(self, scale, bias, with_hessian):
+        import torch
+
+        if not hasattr(self, "_torch_buffers"):
+            self._torch_index = self.labels[:, None].long()
+            self._torch_buffers = [torch.empty_like(self.scores) for _ in range(3)]
+        with torch.no_grad():
+            return _torch_vector_pass(
+                self.scores,
+                self.device_weights,
+                self._torch_index,
+                scale,
+                bias,
+                self._torch_buffers,
+                with_hessian,
+            )
 
     def fit(self):
         """`(scale, bias)` and the Hessian there (or close to there)."""
