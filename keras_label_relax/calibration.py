@@ -1021,12 +1021,20 @@ def _temperature_pass(shifted, label_score, scale):
 
 def _softmax_loss(logits, labels, onehot):
     """Probabilities minus one-hot labels, and the per-row NLL, from the
-    backend's fused log-softmax and one exponential per entry."""
+    backend's fused log-softmax and one exponential per entry.
+
+    With `onehot` None, the label's 1 is taken off where the class index
+    equals the label: XLA fuses that comparison into the pass, which then
+    reads no (N, K) one-hot array."""
     log_probs = ops.log_softmax(logits, axis=-1)
     row_loss = -ops.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
+    probs = ops.exp(log_probs)
     # Residuals, not probabilities, are summed into gradients: their running
     # sums cancel as they go and stay far more precise in float32.
-    return ops.exp(log_probs) - onehot, row_loss
+    if onehot is None:
+        classes = ops.arange(ops.shape(logits)[-1], dtype=labels.dtype)
+        return ops.where(labels[:, None] == classes, probs - 1.0, probs), row_loss
+    return probs - onehot, row_loss
 
 
 def _vector_gradient_pass(scores, labels, onehot, weights, scale, bias):
@@ -1115,8 +1123,9 @@ def _matrix_pass_runner(features, weighted_features, labels, onehot):
     """The matrix pass over one block of rows, as a function of the whitened
     matrix that returns the rows' losses and their share of the gradient.
 
-    PyTorch's pass needs no one-hot labels: `onehot` is a callable that
-    builds them, called only on the other backends."""
+    PyTorch's and JAX's passes need no one-hot labels: `onehot` is a
+    callable that builds them, called only on TensorFlow (whose graph,
+    without XLA, would build the comparison that replaces them every pass)."""
     if keras.backend.backend() == "torch":
         import torch
 
@@ -1132,7 +1141,7 @@ def _matrix_pass_runner(features, weighted_features, labels, onehot):
 
         return run_torch
     run = _compiled(_matrix_pass)
-    onehot = onehot()
+    onehot = onehot() if keras.backend.backend() == "tensorflow" else None
     return lambda matrix: run(features, weighted_features, labels, onehot, matrix)
 
 
@@ -1165,6 +1174,34 @@ def _torch_matrix_pass(features, weighted_features, index, matrix, logits):
     # (N, K) one-hot pass.
     residual = log_probs.exp_().scatter_add_(1, index, -logits.new_ones(index.shape))
     return row_loss, residual.T @ weighted_features
+
+
+def _torch_vector_pass(scores, weights, index, scale, bias, buffers, with_hessian):
+    """Vector scaling's pass in three (N, K) buffers of the problem's (see
+    `_torch_matrix_pass`), with the same sums as `_vector_hessian_pass`."""
+    import torch
+
+    probs, scratch, weighted = buffers
+    torch.addcmul(bias, scores, scale, out=probs)
+    log_probs = torch.log_softmax(probs, dim=-1, out=probs)
+    row_loss = -log_probs.gather(1, index)[:, 0]
+    probs = log_probs.exp_()
+    hessian = None
+    if with_hessian:
+        torch.mul(probs, weights[:, None], out=weighted)
+        h_bb = torch.diag(weighted.sum(dim=0)) - weighted.T @ probs
+        torch.mul(probs, scores, out=scratch)
+        weighted_products = weighted.mul_(scores)
+        h_ss = -(weighted_products.T @ scratch)
+        h_sb = torch.diag(weighted_products.sum(dim=0)) - weighted_products.T @ probs
+        h_ss += torch.diag(torch.mul(weighted_products, scores, out=scratch).sum(dim=0))
+        hessian = torch.stack([h_ss, h_sb, h_bb])
+    # The residuals, as in `_torch_matrix_pass`, then their weighted sums.
+    residual = probs.scatter_add_(1, index, -probs.new_ones(index.shape))
+    residual = torch.mul(residual, weights[:, None], out=scratch)
+    bias_gradient = residual.sum(dim=0)
+    scale_gradient = residual.mul_(scores).sum(dim=0)
+    return row_loss, torch.stack([scale_gradient, bias_gradient]), hessian
 
 
 _TORCH_PASSES = {_temperature_pass: _torch_temperature_pass}
@@ -1288,6 +1325,7 @@ COARSE_STRIDE = 4
 # Temperature scaling's one parameter is fitted well on far fewer rows: its
 # coarse fits take every 16th row, to a relative tolerance of 1e-4.
 TEMPERATURE_COARSE_STRIDE = 16
+WHITENING_STRIDE = 4
 COARSE_RTOL = 1e-4
 
 
@@ -1328,15 +1366,17 @@ class _VectorProblem(_Problem):
         """Mean NLL, its gradient and (`with_hessian`) Hessian w.r.t.
         `(scale, bias)`; the Hessian is None without."""
         k = self.num_classes
-        run = _compiled(_vector_hessian_pass if with_hessian else _vector_gradient_pass)
-        row_loss, gradient, *hessian = run(
-            self.scores,
-            self.labels,
-            self.onehot,
-            self.device_weights,
-            _float32(parameters[:k]),
-            _float32(parameters[k:]),
-        )
+        scale, bias = _float32(parameters[:k]), _float32(parameters[k:])
+        if keras.backend.backend() == "torch":
+            row_loss, gradient, hessian = self._torch_pass(scale, bias, with_hessian)
+            hessian = [] if hessian is None else [hessian]
+        else:
+            run = _compiled(
+                _vector_hessian_pass if with_hessian else _vector_gradient_pass
+            )
+            row_loss, gradient, *hessian = run(
+                self.scores, self.labels, self.onehot, self.device_weights, scale, bias
+            )
         if hessian:
             h_ss, h_sb, h_bb = _to_numpy(hessian[0])
             hessian = np.block([[h_ss, h_sb], [h_sb.T, h_bb]])
@@ -1347,6 +1387,23 @@ class _VectorProblem(_Problem):
             _to_numpy(gradient).ravel(),
             hessian,
         )
+
+    def _torch_pass(self, scale, bias, with_hessian):
+        import torch
+
+        if not hasattr(self, "_torch_buffers"):
+            self._torch_index = self.labels[:, None].long()
+            self._torch_buffers = [torch.empty_like(self.scores) for _ in range(3)]
+        with torch.no_grad():
+            return _torch_vector_pass(
+                self.scores,
+                self.device_weights,
+                self._torch_index,
+                scale,
+                bias,
+                self._torch_buffers,
+                with_hessian,
+            )
 
     def fit(self):
         """`(scale, bias)` and the Hessian there (or close to there)."""
@@ -1396,11 +1453,19 @@ class _MatrixProblem(_Problem):
         )
 
     def _second_moment(self):
+        # Any factor gives the same fit, only a better or worse conditioned
+        # path to it: from 20,000 rows on, every WHITENING_STRIDE-th row
+        # estimates the moment well enough, for a fraction of a pass.
+        rows = slice(None, None, WHITENING_STRIDE)
+        weights = self.weights[rows]
+        if len(self.weights) < COARSE_MIN_ROWS or not weights.sum() > 0:
+            rows, weights = slice(None), self.weights
         products, sums = map(
             _to_numpy,
-            _compiled(_second_moment_pass)(self.scores, self.device_weights),
+            _compiled(_second_moment_pass)(
+                self.scores[rows], _float32(weights / weights.sum())
+            ),
         )
-        # The weights sum to 1.
         return np.block([[products, sums[:, None]], [sums[None, :], np.ones((1, 1))]])
 
     def objective(self, parameters, off_diagonal_l2, bias_l2):
