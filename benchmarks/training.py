@@ -5,7 +5,9 @@ backend; `benchmarks.population.PopulationTrainer` (JAX) trains many at once.
 Both draw the same initial weights, batches and losses from here.
 """
 
+import contextlib
 import functools
+import sys
 import time
 
 import keras
@@ -255,7 +257,8 @@ def initial_model(config, input_shape, num_classes, seed):
     # seconds once a run holds many models, and the weights do not depend
     # on it.
     keras.backend.clear_session(free_memory=False)
-    keras.utils.set_random_seed(seed)
+    with _tensorflow_left_unimported():
+        keras.utils.set_random_seed(seed)
     return models.build_model(
         config.model,
         input_shape,
@@ -264,6 +267,25 @@ def initial_model(config, input_shape, num_classes, seed):
         seed=seed,
         output_l2=config.resnet_output_l2,
     )
+
+
+@contextlib.contextmanager
+def _tensorflow_left_unimported():
+    """`keras.utils.set_random_seed` imports TensorFlow to seed it too, which
+    takes seconds; on another backend, in a process that has not imported it,
+    nothing uses TensorFlow's seed, so it is left unimported."""
+    if keras.backend.backend() == "tensorflow" or "tensorflow" in sys.modules:
+        yield
+        return
+    from keras.src.utils import module_utils
+
+    lazy = module_utils.tensorflow
+    available = lazy._available
+    lazy._available = False
+    try:
+        yield
+    finally:
+        lazy._available = available
 
 
 def batch_orders(config, num_examples, seed):
