@@ -113,8 +113,8 @@ class StepDecay(keras.optimizers.schedules.LearningRateSchedule):
 METRIC_NAMES = ("accuracy", "ece", "nll", "brier", "classwise_ece")
 # Scored arrays are padded (with weight 0) to a power of two at least this
 # long, so that a compiled scorer serves many sizes: every part of the quick
-# profile (at most 1,429 examples) is scored by one program, where 256 needed
-# three compilations of seconds each, and scoring 2,048 rows takes far less.
+# profile (at most 1,429 examples) is scored by one program, where 256 compiled
+# it for 512 and 2,048 rows, seconds each, and scoring 2,048 rows takes far less.
 _MIN_SCORED = 2048
 
 
