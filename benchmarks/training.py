@@ -5,7 +5,9 @@ backend; `benchmarks.population.PopulationTrainer` (JAX) trains many at once.
 Both draw the same initial weights, batches and losses from here.
 """
 
+import contextlib
 import functools
+import sys
 import time
 
 import keras
@@ -110,8 +112,10 @@ class StepDecay(keras.optimizers.schedules.LearningRateSchedule):
 
 METRIC_NAMES = ("accuracy", "ece", "nll", "brier", "classwise_ece")
 # Scored arrays are padded (with weight 0) to a power of two at least this
-# long, so that a compiled scorer serves many sizes.
-_MIN_SCORED = 256
+# long, so that a compiled scorer serves many sizes: every part of the quick
+# profile (at most 1,429 examples) is scored by one program, where 256 compiled
+# it for 512 and 2,048 rows, seconds each, and scoring 2,048 rows takes far less.
+_MIN_SCORED = 2048
 
 
 def score_logits(logits, labels):
@@ -255,7 +259,8 @@ def initial_model(config, input_shape, num_classes, seed):
     # seconds once a run holds many models, and the weights do not depend
     # on it.
     keras.backend.clear_session(free_memory=False)
-    keras.utils.set_random_seed(seed)
+    with _tensorflow_left_unimported():
+        keras.utils.set_random_seed(seed)
     return models.build_model(
         config.model,
         input_shape,
@@ -264,6 +269,25 @@ def initial_model(config, input_shape, num_classes, seed):
         seed=seed,
         output_l2=config.resnet_output_l2,
     )
+
+
+@contextlib.contextmanager
+def _tensorflow_left_unimported():
+    """`keras.utils.set_random_seed` imports TensorFlow to seed it too, which
+    takes seconds; on another backend, in a process that has not imported it,
+    nothing uses TensorFlow's seed, so it is left unimported."""
+    if keras.backend.backend() == "tensorflow" or "tensorflow" in sys.modules:
+        yield
+        return
+    from keras.src.utils import module_utils
+
+    lazy = module_utils.tensorflow
+    available = lazy._available
+    lazy._available = False
+    try:
+        yield
+    finally:
+        lazy._available = available
 
 
 def batch_orders(config, num_examples, seed):

@@ -76,7 +76,8 @@ def grid_search(run_fn, param, grid, scheme, directory, project_name, search_ind
                 f"oracle at {address}:{os.environ[PORT_VARIABLE]}",
                 flush=True,
             )
-        tuner.search(verbose=0)
+        with _saved_at_the_end(tuner, alone=role is None):
+            tuner.search(verbose=0)
     if role == "worker":
         return None
     best = tuner.oracle.get_best_trials(1)
@@ -86,6 +87,33 @@ def grid_search(run_fn, param, grid, scheme, directory, project_name, search_ind
             f"messages under {os.path.join(directory, project_name)}."
         )
     return best[0].hyperparameters.get(param), best[0].score
+
+
+@contextlib.contextmanager
+def _saved_at_the_end(tuner, alone):
+    """Writes the search's files (oracle, tuner, one per trial) once, when
+    it ends, where KerasTuner rewrites them at every step of every trial:
+    seven writes a trial, 2,352 in the quick profile, whose trials are
+    otherwise only looked up in the result store. Alone, nothing reads the
+    files during the search; a distributed search keeps KerasTuner's own
+    saving."""
+    if not alone:
+        yield
+        return
+    oracle = tuner.oracle
+    skipped = ("save", "_save_trial")
+    for name in skipped:
+        setattr(oracle, name, lambda *args: None)
+    tuner.save = lambda: None
+    try:
+        yield
+    finally:
+        for name in skipped:
+            delattr(oracle, name)
+        del tuner.save
+        for trial in oracle.trials.values():
+            oracle._save_trial(trial)
+        tuner.save()
 
 
 @contextlib.contextmanager
