@@ -1308,10 +1308,10 @@ class _TemperatureProblem:
 
     def coarse(self):
         """The same problem on every TEMPERATURE_COARSE_STRIDE-th row, or None."""
-        logits, labels = self.host_data
-        rows = slice(None, None, TEMPERATURE_COARSE_STRIDE)
-        if len(labels) < COARSE_MIN_ROWS or not self.weights[rows].sum() > 0:
+        rows = _strided_rows(self.weights, TEMPERATURE_COARSE_STRIDE)
+        if rows is None:
             return None
+        logits, labels = self.host_data
         return _TemperatureProblem(logits[rows], labels[rows], self.weights[rows])
 
 
@@ -1327,6 +1327,15 @@ COARSE_STRIDE = 4
 TEMPERATURE_COARSE_STRIDE = 16
 WHITENING_STRIDE = 4
 COARSE_RTOL = 1e-4
+
+
+def _strided_rows(weights, stride):
+    """Every `stride`-th row as a slice, for problems of COARSE_MIN_ROWS rows
+    or more whose strided rows carry weight; otherwise None."""
+    rows = slice(None, None, stride)
+    if len(weights) < COARSE_MIN_ROWS or not weights[rows].sum() > 0:
+        return None
+    return rows
 
 
 class _Problem:
@@ -1351,14 +1360,11 @@ class _Problem:
 
     def coarse(self):
         """The same problem on every COARSE_STRIDE-th row, or None."""
+        rows = _strided_rows(self.weights, COARSE_STRIDE)
+        if rows is None:
+            return None
         scores, labels = self.host_data
-        if len(labels) < COARSE_MIN_ROWS:
-            return None
-        rows = slice(None, None, COARSE_STRIDE)
-        weights = self.weights[rows]
-        if not weights.sum() > 0:
-            return None
-        return type(self)(scores[rows], labels[rows], weights)
+        return type(self)(scores[rows], labels[rows], self.weights[rows])
 
 
 class _VectorProblem(_Problem):
@@ -1388,20 +1394,25 @@ class _VectorProblem(_Problem):
             hessian,
         )
 
+    @functools.cached_property
+    def _torch_index_and_buffers(self):
+        import torch
+
+        buffers = [torch.empty_like(self.scores) for _ in range(3)]
+        return self.labels[:, None].long(), buffers
+
     def _torch_pass(self, scale, bias, with_hessian):
         import torch
 
-        if not hasattr(self, "_torch_buffers"):
-            self._torch_index = self.labels[:, None].long()
-            self._torch_buffers = [torch.empty_like(self.scores) for _ in range(3)]
+        index, buffers = self._torch_index_and_buffers
         with torch.no_grad():
             return _torch_vector_pass(
                 self.scores,
                 self.device_weights,
-                self._torch_index,
+                index,
                 scale,
                 bias,
-                self._torch_buffers,
+                buffers,
                 with_hessian,
             )
 
@@ -1456,10 +1467,10 @@ class _MatrixProblem(_Problem):
         # Any factor gives the same fit, only a better or worse conditioned
         # path to it: from 20,000 rows on, every WHITENING_STRIDE-th row
         # estimates the moment well enough, for a fraction of a pass.
-        rows = slice(None, None, WHITENING_STRIDE)
+        rows = _strided_rows(self.weights, WHITENING_STRIDE)
+        if rows is None:
+            rows = slice(None)
         weights = self.weights[rows]
-        if len(self.weights) < COARSE_MIN_ROWS or not weights.sum() > 0:
-            rows, weights = slice(None), self.weights
         products, sums = map(
             _to_numpy,
             _compiled(_second_moment_pass)(
@@ -1536,8 +1547,8 @@ def _start_temperature(scores, labels, weights):
     """Temperature scaling's fit as a start: from 20,000 rows on, only its
     coarse fit (every 16th row, to 1e-4 relative), which starts L-BFGS as
     well for a few passes over a sixteenth of the rows."""
-    rows = slice(None, None, TEMPERATURE_COARSE_STRIDE)
-    if len(labels) < COARSE_MIN_ROWS or not weights[rows].sum() > 0:
+    rows = _strided_rows(weights, TEMPERATURE_COARSE_STRIDE)
+    if rows is None:
         return fit_temperature_nll(scores, labels, weights)
     coarse = _TemperatureProblem(scores[rows], labels[rows], weights[rows])
     return 1.0 / _inverse_temperature(coarse, COARSE_RTOL)
