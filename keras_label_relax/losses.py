@@ -1583,7 +1583,6 @@ def _torch_label_smoothing(z, y, alpha):
 
 
 def _torch_confidence_penalty(z, y, beta):
-
     # CE - b H; gradient p (1 + b (log p + H)) - onehot_y. With
     # log p = shifted - log_sum and q = p shifted: H = log_sum - sum q, a sum
     # of two non-negative terms, and the gradient is p c + b g q - onehot_y g
@@ -1647,9 +1646,9 @@ def _torch_dual_focal(z, y, gamma):
     # Not a `where` and a max, which are 4-8x slower on eager PyTorch.
     z_y = z.gather(1, y)
     gaps = torch.sub(z, z_y).add_(0.0)
-    bits = gaps.view(_TORCH_SIGNED_BITS[z.element_size()])
-    j = bits.argmin(dim=-1, keepdim=True)
-    bits = bits.gather(1, j)
+    gap_bits = gaps.view(_TORCH_SIGNED_BITS[z.element_size()])
+    j = gap_bits.argmin(dim=-1, keepdim=True)
+    bits = gap_bits.gather(1, j)
     p_j = torch.exp(z.gather(1, j) - z_y + log_p).masked_fill_(bits >= 0, 0.0)
     rest, live = _torch_one_minus_p(log_p)
     base = rest + p_j
@@ -1689,13 +1688,17 @@ def _torch_margin_label_smoothing(z, y, margin, weight):
     top_index = distances.view(_TORCH_SIGNED_BITS[z.element_size()]).argmin(
         dim=-1, keepdim=True
     )
-    gaps = distances.sub_(margin).clamp_(min=0.0)
+
+    def gaps_below_ceiling(distances):
+        return distances.sub_(margin).clamp_(min=0.0)
+
+    gaps = gaps_below_ceiling(distances)
     losses = rate * gaps.sum(dim=-1, keepdim=True) - rows.log_p
     # 1 where a class is below the ceiling, else 0 (the gaps are >= 0).
     below = gaps.sign_()
     count = below.sum(dim=-1, keepdim=True)
     take_below = _torch_once_then(
-        below, lambda: torch.sub(top, z).sub_(margin).clamp_(min=0.0).sign_()
+        below, lambda: gaps_below_ceiling(torch.sub(top, z)).sign_()
     )
 
     def backward(g):
