@@ -53,8 +53,12 @@ def _by_key(trainer, trainings, splits):
 
 @jax_only
 @pytest.mark.parametrize("full_batches", [True, False])
-def test_members_end_where_their_sequential_runs_end(full_batches):
+def test_members_end_where_their_sequential_runs_end(full_batches, monkeypatch):
     from benchmarks import population
+
+    # Three parts trained at once in threads, whatever the machine's cores:
+    # each member's logits must still come back in its place.
+    monkeypatch.setattr(population, "parallel_parts", lambda: 3)
 
     config, splits, sizes = _setting(full_batches)
     trials = plan.trials(config, sizes)
@@ -82,6 +86,18 @@ def test_members_end_where_their_sequential_runs_end(full_batches):
             atol=LR_LOGIT_TOLERANCE if "-lr=" in key else 1e-4,
             err_msg=key,
         )
+
+
+@jax_only
+def test_parts_keep_the_order_and_differ_in_size_by_at_most_one():
+    from benchmarks import population
+
+    for size, count in [(84, 2), (7, 3), (3, 2), (2, 5), (1, 2)]:
+        group = list(range(size))
+        parts = population._parts(group, count)
+        assert sum(parts, []) == group
+        assert len(parts) == min(size, count)
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
 
 
 # Label relaxation's gradient jumps where p_y crosses 1 - alpha. The batched
