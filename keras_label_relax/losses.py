@@ -180,7 +180,17 @@ def _label_smoothing(y_true, y_pred, from_logits, alpha):
     sparse = _is_sparse(y_true, y_pred)
     if sparse and from_logits and _has_fused_label_smoothing(alpha):
         return _torch_fused_label_smoothing(y_true, y_pred, alpha)
-    if sparse and from_logits:
+    if sparse and from_logits and keras.backend.backend() == "jax":
+        # Keras' JAX cross-entropy builds a one-hot and a log-softmax, whose
+        # gradient exponentiates again; one exponential serves both here.
+        class_ids = _labels.class_ids(y_true, y_pred)
+        shifted = y_pred - ops.stop_gradient(ops.max(y_pred, axis=-1, keepdims=True))
+        log_normaliser = ops.log(ops.sum(ops.exp(shifted), axis=-1))
+        observed = take_class(shifted, class_ids)
+        losses = log_normaliser - observed + alpha * (
+            observed - _mean_over_classes(shifted)
+        )
+    elif sparse and from_logits:
         # -(1 - a) log p_y - a mean_k log p_k = CE + a (z_y - mean_k z_k): the
         # fused cross-entropy plus one gather and one mean.
         class_ids = _labels.class_ids(y_true, y_pred)
