@@ -187,8 +187,8 @@ def _label_smoothing(y_true, y_pred, from_logits, alpha):
         shifted = y_pred - ops.stop_gradient(ops.max(y_pred, axis=-1, keepdims=True))
         log_normaliser = ops.log(ops.sum(ops.exp(shifted), axis=-1))
         observed = take_class(shifted, class_ids)
-        losses = log_normaliser - observed + alpha * (
-            observed - _mean_over_classes(shifted)
+        losses = (
+            log_normaliser - observed + alpha * (observed - _mean_over_classes(shifted))
         )
     elif sparse and from_logits:
         # -(1 - a) log p_y - a mean_k log p_k = CE + a (z_y - mean_k z_k): the
