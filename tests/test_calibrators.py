@@ -399,16 +399,21 @@ def test_vector_gradient_and_hessian_match_finite_differences():
     np.testing.assert_allclose(gradient_only, gradient, rtol=1e-6, atol=1e-9)
 
 
-@pytest.mark.parametrize("off_diagonal_l2, bias_l2", [(0.0, 0.0), (2.0, 0.5)])
-def test_penalised_matrix_gradient_matches_finite_differences(off_diagonal_l2, bias_l2):
-    logits, labels = miscalibrated(500, 4, seed=11)
+def perturbed_matrix_problem(seed):
+    """A 500 x 4 Dirichlet problem and a point near the identity map: its
+    `[W b]` and its whitened coordinates `V = [W b] L`, the optimiser's."""
+    logits, labels = miscalibrated(500, 4, seed=seed)
     scores = log_softmax(logits)
     problem = _MatrixProblem(scores, labels, None)
-    rng = np.random.default_rng(12)
+    rng = np.random.default_rng(seed + 1)
     affine = np.concatenate([np.eye(4), np.zeros((4, 1))], axis=1)
     affine += 0.3 * rng.standard_normal(affine.shape)
-    # The optimiser's coordinates: V = [W b] L.
-    whitened = affine @ problem.factor
+    return scores, labels, problem, affine, affine @ problem.factor, rng
+
+
+@pytest.mark.parametrize("off_diagonal_l2, bias_l2", [(0.0, 0.0), (2.0, 0.5)])
+def test_penalised_matrix_gradient_matches_finite_differences(off_diagonal_l2, bias_l2):
+    scores, labels, problem, _, whitened, rng = perturbed_matrix_problem(11)
     value, gradient = problem.objective(whitened.ravel(), off_diagonal_l2, bias_l2)
 
     def reference(v):
@@ -430,13 +435,7 @@ def test_penalised_matrix_gradient_matches_finite_differences(off_diagonal_l2, b
 
 @pytest.mark.parametrize("off_diagonal_l2, bias_l2", [(0.0, 0.0), (2.0, 0.5)])
 def test_penalised_matrix_hessian_is_the_exact_one(off_diagonal_l2, bias_l2):
-    logits, labels = miscalibrated(500, 4, seed=13)
-    scores = log_softmax(logits)
-    problem = _MatrixProblem(scores, labels, None)
-    rng = np.random.default_rng(14)
-    affine = np.concatenate([np.eye(4), np.zeros((4, 1))], axis=1)
-    affine += 0.3 * rng.standard_normal(affine.shape)
-    whitened = affine @ problem.factor
+    scores, labels, problem, affine, whitened, _ = perturbed_matrix_problem(13)
     *_, hessian = problem.newton_objective(
         whitened.ravel(), True, off_diagonal_l2, bias_l2
     )
