@@ -1563,7 +1563,8 @@ class _MatrixProblem(_Problem):
 
     def fit(self, off_diagonal_l2, bias_l2, start=None, ftol=None, curvature=()):
         """`(W, b)` minimising the penalised NLL, from `start` (a `(W, b)`)
-        or temperature scaling's fit.
+        or temperature scaling's fit: by Newton where `_newton_applies` and
+        neither `ftol` nor `curvature` is given, else by L-BFGS.
 
         With `curvature` (a list), L-BFGS starts from the NLL's curvature
         pairs it holds, from earlier fits of this problem, and leaves its
@@ -1580,30 +1581,32 @@ class _MatrixProblem(_Problem):
             temperature = _start_temperature(scores, labels, self.weights)
             start = (np.eye(k) / temperature, np.zeros(k))
         affine = np.concatenate([start[0], np.reshape(start[1], (k, 1))], axis=1)
+        whitened = _matmul(affine, self.factor).ravel()
         penalties = off_diagonal_l2, bias_l2
         if ftol is None and not curvature and self._newton_applies(*penalties):
             parameters, _ = _minimize_newton(
                 lambda v, with_hessian: self.newton_objective(
                     v, with_hessian, *penalties
                 ),
-                _matmul(affine, self.factor).ravel(),
+                whitened,
                 # Near-separable data converge linearly along a flat valley,
                 # where a held Hessian's steps look stalled: a fresh one
                 # each step, cheap at this size.
                 hold_decrement=0.0,
             )
-            affine = _matmul(parameters.reshape(k, k + 1), self.inverse_factor)
-            return affine[:, :k], affine[:, k]
-        parameters, pairs = _minimize_lbfgs(
-            lambda v: self.objective(v, *penalties),
-            _matmul(affine, self.factor).ravel(),
-            ftol=LBFGS_FTOL if ftol is None else ftol,
-            pairs=[(s, y + self._penalty_change(s, *penalties)) for s, y in curvature],
-        )
-        if isinstance(curvature, list):
-            curvature[:] = [
-                (s, y - self._penalty_change(s, *penalties)) for s, y in pairs
-            ]
+        else:
+            parameters, pairs = _minimize_lbfgs(
+                lambda v: self.objective(v, *penalties),
+                whitened,
+                ftol=LBFGS_FTOL if ftol is None else ftol,
+                pairs=[
+                    (s, y + self._penalty_change(s, *penalties)) for s, y in curvature
+                ],
+            )
+            if isinstance(curvature, list):
+                curvature[:] = [
+                    (s, y - self._penalty_change(s, *penalties)) for s, y in pairs
+                ]
         affine = _matmul(parameters.reshape(k, k + 1), self.inverse_factor)
         return affine[:, :k], affine[:, k]
 

@@ -184,8 +184,8 @@ def _label_smoothing(y_true, y_pred, from_logits, alpha):
         # Keras' JAX cross-entropy builds a one-hot and a log-softmax, whose
         # gradient exponentiates again; one exponential serves both here.
         class_ids = _labels.class_ids(y_true, y_pred)
-        shifted = y_pred - ops.stop_gradient(ops.max(y_pred, axis=-1, keepdims=True))
-        log_normaliser = ops.log(ops.sum(ops.exp(shifted), axis=-1))
+        shifted, _, normaliser = _shifted_exponentials(y_pred)
+        log_normaliser = ops.log(normaliser)
         observed = take_class(shifted, class_ids)
         losses = (
             log_normaliser - observed + alpha * (observed - _mean_over_classes(shifted))
@@ -1011,12 +1011,18 @@ def shifted_softmax_terms(logits):
     reused by the gradient: XLA compiles the entropy of `log_softmax` into
     several passes of exponentials, this into one.
     """
-    shifted = logits - ops.stop_gradient(ops.max(logits, axis=-1, keepdims=True))
-    exp_shifted = ops.exp(shifted)
-    normaliser = ops.sum(exp_shifted, axis=-1)
+    shifted, exp_shifted, normaliser = _shifted_exponentials(logits)
     log_normaliser = ops.log(normaliser)
     mean_shifted = ops.sum(exp_shifted * shifted, axis=-1) / normaliser
     return shifted, log_normaliser, log_normaliser - mean_shifted
+
+
+def _shifted_exponentials(logits):
+    """`z - max z` (the maximum a constant to the gradient), its exponentials
+    and their sum over classes."""
+    shifted = logits - ops.stop_gradient(ops.max(logits, axis=-1, keepdims=True))
+    exp_shifted = ops.exp(shifted)
+    return shifted, exp_shifted, ops.sum(exp_shifted, axis=-1)
 
 
 def _single_exp_softmax_is_faster(from_logits):
