@@ -9,6 +9,7 @@ import numpy as np
 from keras import ops
 
 from keras_label_relax._api import export
+from keras_label_relax._compilation import jax_jit
 from keras_label_relax._validation import check_bool
 from keras_label_relax._validation import check_non_negative
 from keras_label_relax._validation import check_number
@@ -1268,9 +1269,7 @@ def _compiled(function):
 def _compile(function):
     backend = keras.backend.backend()
     if backend == "jax":
-        import jax
-
-        return _JAX_PASSES.get(function) or jax.jit(function)
+        return _JAX_PASSES.get(function) or jax_jit(function)
     if backend == "tensorflow":
         import tensorflow as tf
 

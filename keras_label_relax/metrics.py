@@ -15,6 +15,7 @@ import numpy as np
 from keras import ops
 
 from keras_label_relax._api import export
+from keras_label_relax._compilation import jax_jit
 from keras_label_relax._labels import class_ids
 from keras_label_relax._validation import check_bool
 from keras_label_relax._validation import check_choice
@@ -169,6 +170,24 @@ def _compensated_sums(totals, errors, increments):
 def _compiled_compensated_sums(dtype):
     del dtype  # Only part of the key.
     return _compile(_compensated_sums)
+
+
+def _computed(compute, state, *static):
+    """`compute(state, *static)`; on eager JAX by one compiled call (cached
+    for `static`), where its dozens of small ops would each be compiled for
+    the state's shape."""
+    if keras.backend.backend() == "jax" and _values_visible(state):
+        return _compiled_compute(compute, static)(state)
+    return compute(state, *static)
+
+
+@functools.cache
+def _compiled_compute(compute, static):
+    return jax_jit(functools.partial(_call_with_static, compute, static))
+
+
+def _call_with_static(compute, static, state):
+    return compute(state, *static)
 
 
 def _compiles_small(x):
@@ -330,7 +349,9 @@ class ExpectedCalibrationError(_SumsMetric):
         return self.num_bins if self.binning == "equal_width" else None
 
     def result(self):
-        return _ece_compute(self._state()[0], self.num_bins, self.norm, self.binning)
+        return _computed(
+            _ece_compute, self._state()[0], self.num_bins, self.norm, self.binning
+        )
 
     def bin_statistics(self):
         """Returns the per-bin statistics accumulated so far, as numpy.
@@ -470,7 +491,7 @@ class ClasswiseCalibrationError(_SumsMetric):
     def result(self):
         if self.bin_sums is None:
             return ops.zeros((), self.dtype)
-        return _classwise_compute(self._state()[0], self.norm)
+        return _computed(_classwise_compute, self._state()[0], self.norm)
 
     def get_config(self):
         return {
@@ -569,7 +590,7 @@ class BrierScore(_SumsMetric):
         self._add_batch(_brier_update, static, y_true, y_pred, sample_weight)
 
     def result(self):
-        return _brier_compute(self._state()[0])
+        return _computed(_brier_compute, self._state()[0])
 
     def decomposition(self):
         """Returns the decomposition of the score accumulated so far.
@@ -1490,10 +1511,13 @@ def _raise_for_values(summary, labels, y_pred, weight, from_logits):
 
 
 # Eager batches of at least this many predicted values are reduced by one
-# compiled function on TensorFlow and JAX, whose eager ops are dispatched
-# one by one: for 10^5 x 10 values, 3-6x faster. Each new batch shape costs
-# a compilation (about 0.1-0.5 s), which smaller batches, fast eager
-# anyway, are spared. (PyTorch has no compiler cheap enough.)
+# compiled function on TensorFlow, whose eager ops are dispatched one by
+# one: for 10^5 x 10 values, 3-6x faster. Each new batch shape costs a
+# compilation (about 0.1-0.5 s), which smaller batches, fast eager anyway,
+# are spared. JAX compiles every eager batch: its eager ops are compiled
+# one by one for each new shape, dozens of compilations where a whole
+# update, compiled for speed of compilation when small, is one. (PyTorch
+# has no compiler cheap enough.)
 _COMPILE_MIN_VALUES = 2**16
 
 
@@ -1625,7 +1649,7 @@ def _state_step(
 def _compiles(y_pred):
     backend = keras.backend.backend()
     size = math.prod(tuple(y_pred.shape))
-    return backend in ("tensorflow", "jax") and size >= _COMPILE_MIN_VALUES
+    return backend == "jax" or (backend == "tensorflow" and size >= _COMPILE_MIN_VALUES)
 
 
 def _as_tuple(increments):
@@ -1635,9 +1659,7 @@ def _as_tuple(increments):
 def _compile(function):
     """`function` compiled with XLA (TensorFlow or JAX)."""
     if keras.backend.backend() == "jax":
-        import jax
-
-        return jax.jit(function)
+        return jax_jit(function)
     import tensorflow as tf
 
     return tf.function(function, jit_compile=True, reduce_retracing=True)
