@@ -163,7 +163,7 @@ def _table(results, repeats, cv_shape):
         "or until the step is below float32's rounding of 1 / T; vector "
         "scaling until the "
         "Newton decrement is below 1e-8; matrix and Dirichlet until L-BFGS "
-        "lowers the objective by less than 1e-8 (relative) or the largest "
+        "lowers the objective by less than 1e-7 (relative) or the largest "
         "gradient entry is below 1e-6.",
         "",
         "| backend | load | fit | seconds |",
