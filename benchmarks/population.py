@@ -28,6 +28,7 @@ import numpy as np
 
 from benchmarks import plan
 from benchmarks import training as training_lib
+from keras_label_relax._compilation import jax_jit
 
 _EVAL_CHUNK = 1024
 # Share of the free memory that one population may fill.
@@ -331,7 +332,9 @@ class _Population:
             )
             return logits
 
-        logits_of = jax.jit(jax.vmap(member_logits, in_axes=(0, 0, 0, 0, None)))
+        # Evaluated once per population: on small data a fast compilation
+        # saves more than the optimised program would.
+        logits_of = jax_jit(jax.vmap(member_logits, in_axes=(0, 0, 0, 0, None)))
         results = [{} for _ in self.group]
         for part in self.group[0].eval_parts:
             index = np.stack([split.parts[part] for split in self.splits])
